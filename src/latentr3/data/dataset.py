@@ -1,0 +1,67 @@
+"""Resolving a DataConfig to files, and the tokenized example sets the recipes train on."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig
+from .prompts import PromptBuilder
+from .splits import Catalogue, Sample, read_catalogue, read_split
+
+
+def data_dir(cfg: DataConfig) -> Path:
+    """The configured directory, or the embedded MovieLens-100K default (prepared once)."""
+    if cfg.dir:
+        d = Path(cfg.dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"data.dir {d} is not a directory")
+        return d
+    from .movielens import ensure_movielens
+
+    return ensure_movielens()
+
+
+def load_catalogue(cfg: DataConfig) -> Catalogue:
+    return read_catalogue(data_dir(cfg) / cfg.catalogue, cfg.catalogue_format)
+
+
+def split_path(cfg: DataConfig, name: str) -> Path:
+    """A split by role ("train"/"valid"/"test", mapped through the config) or by file stem."""
+    stem = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}.get(name, name)
+    return data_dir(cfg) / f"{stem}.csv"
+
+
+def load_split(cfg: DataConfig, name: str, catalogue: Catalogue | None = None) -> list[Sample]:
+    return read_split(split_path(cfg, name), catalogue)
+
+
+def subsample(rows: list, n: int, seed: int) -> list:
+    """A seeded subset of n rows in their original order (n < 0 or n >= len: all rows)."""
+    if n < 0 or n >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    target: list[int]
+    index: int          # row index in the split, so results bind to rows by index
+
+
+def tokenize_samples(samples: list[Sample], builder: PromptBuilder) -> list[Example]:
+    return [Example(*builder.example(s.history_titles, s.target_title), i) for i, s in enumerate(samples)]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts, right-padded targets (see LatentR3Model for the layout)."""
+    from ..model.latent_lm import left_pad, right_pad
+
+    prompt_ids, prompt_mask = left_pad([e.prompt for e in examples], pad_id)
+    target_ids, target_mask = right_pad([e.target for e in examples], pad_id)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "target_ids": target_ids,
+            "target_mask": target_mask, "index": torch.tensor([e.index for e in examples])}

@@ -1,0 +1,1 @@
+"""Catalogue-constrained decoding: the item trie and beam search."""

@@ -1,0 +1,120 @@
+"""Catalogue-constrained beam search on the shared prompt KV cache.
+
+Written by hand because no maintained decoder does this efficiently: Hugging Face `generate` with a
+`prefix_allowed_tokens_fn` calls Python once per beam per step and the reference hashes token prefixes
+into a dict.  Here every step is a handful of tensor operations over all beams of all users:
+
+* the prompt is prefilled once per user and the latent thought(s) computed once, then the cache is
+  repeated for the beams;
+* the trie (CSR tensors) gives each beam's allowed edges; candidate scores are scattered into a
+  (users, beams x vocab) matrix whose size is bounded by the batch, not by the number of steps;
+* a candidate that takes the EOS edge reaches a leaf = a finished title; finished titles go to a
+  per-user pool of the best `top_k`, the others become the next beams;
+* a user is finished when its pool is full and no live beam can still beat the pool's worst entry
+  (exact: scores only fall as a title grows, see `_upper_bound`), or when it has no live beam.
+
+Scores are sum(log p) / length ** length_penalty, length = generated tokens including EOS
+(length_penalty 1 = BIGRec / the paper, 0 = plain sum as in D3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.latent_lm import LatentR3Model
+from .trie import ItemTrie
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class BeamResult:
+    titles: list[list[str]]        # per user, best first, distinct catalogue titles
+    scores: list[list[float]]      # matching normalised scores
+    title_index: torch.Tensor      # (B, top_k) index into trie.titles_unique, -1 where fewer were found
+
+
+def _normalise(sums: torch.Tensor, length: int | torch.Tensor, length_penalty: float) -> torch.Tensor:
+    if length_penalty == 0:
+        return sums
+    return sums / (torch.as_tensor(length, dtype=sums.dtype, device=sums.device) ** length_penalty)
+
+
+def _upper_bound(sums: torch.Tensor, max_len: int, length_penalty: float) -> torch.Tensor:
+    """The best normalised score any completion of a live beam can reach.
+
+    Log-probs are <= 0, so a beam's sum only falls; with a length penalty p > 0 the normalised score
+    (s + x) / L**p, x <= 0, L <= max_len, is at most s / max_len**p.
+    """
+    return _normalise(sums, max_len, length_penalty)
+
+
+@torch.no_grad()
+def constrained_beam_search(model: LatentR3Model, trie: ItemTrie, prompt_ids: torch.Tensor,
+                            prompt_mask: torch.Tensor, num_beams: int = 10, top_k: int = 10,
+                            length_penalty: float = 1.0) -> BeamResult:
+    B, K, V = prompt_ids.shape[0], num_beams, trie.vocab_size
+    device = prompt_ids.device
+    prefix = model.think(model.prefill(prompt_ids, prompt_mask))
+    prefix.hidden = None  # not needed past the latents; don't copy it per beam
+    prefix = prefix.repeat_interleave(K)
+    logits = prefix.last_logits                                            # (B*K, V')
+
+    nodes = torch.zeros(B * K, dtype=torch.long, device=device)            # root
+    sums = torch.full((B, K), NEG_INF, device=device)
+    sums[:, 0] = 0.0                                                       # one live beam to start
+    pool_scores = torch.full((B, top_k), NEG_INF, device=device)
+    pool_titles = torch.full((B, top_k), -1, dtype=torch.long, device=device)
+    max_len = trie.max_depth
+    active_users = torch.ones(B, dtype=torch.bool, device=device)
+
+    for step in range(1, max_len + 1):
+        logp = torch.log_softmax(logits[:, :V].float(), dim=-1)             # (B*K, V)
+        rows, tokens, _ = trie.edges(nodes)
+        cand = torch.full((B * K, V), NEG_INF, device=device)
+        cand[rows, tokens] = sums.view(-1)[rows] + logp[rows, tokens]
+        cand[~active_users.repeat_interleave(K)] = NEG_INF
+        top_val, top_idx = cand.view(B, K * V).topk(min(2 * K, K * V), dim=1)  # (B, 2K)
+        beam = top_idx // V
+        token = top_idx % V
+        src = (beam + torch.arange(B, device=device)[:, None] * K).view(-1)
+        child = trie.child(nodes[src], token.view(-1)).view(B, -1)
+        alive = top_val > NEG_INF
+        leaf = trie.is_leaf(child.clamp(min=0).view(-1)).view(B, -1) & alive
+
+        # finished titles -> pool (best top_k per user)
+        fin_scores = torch.where(leaf, _normalise(top_val, step, length_penalty), NEG_INF)
+        fin_titles = torch.where(leaf, trie.leaf_title_index[child.clamp(min=0)], -1)
+        merged_s = torch.cat([pool_scores, fin_scores], 1)
+        merged_t = torch.cat([pool_titles, fin_titles], 1)
+        pool_scores, order = merged_s.topk(top_k, dim=1)
+        pool_titles = merged_t.gather(1, order)
+
+        # unfinished candidates -> next beams
+        cont_val = torch.where(leaf | ~alive, NEG_INF, top_val)
+        sums, pick = cont_val.topk(K, dim=1)                               # (B, K)
+        pick_src = src.view(B, -1).gather(1, pick)                         # (B, K) flat beam index
+        nodes = torch.where(sums > NEG_INF, child.gather(1, pick), 0).view(-1)
+        next_tokens = torch.where(sums > NEG_INF, token.gather(1, pick), 0).view(-1, 1)
+
+        # users whose pool can no longer change are done
+        best_live = sums.max(dim=1).values
+        pool_full = pool_scores[:, -1] > NEG_INF
+        can_improve = (best_live > NEG_INF) & (
+            ~pool_full | (_upper_bound(best_live, max_len, length_penalty) > pool_scores[:, -1]))
+        active_users &= can_improve
+        if not bool(active_users.any()):
+            break
+
+        prefix.cache.reorder_cache(pick_src.view(-1))
+        embeds = model.backbone.get_input_embeddings()(next_tokens)
+        prefix, step_logits = model.append(prefix, embeds, logits_to_keep=1, keep_hidden=False)
+        logits = step_logits[:, -1]
+
+    titles, scores = [], []
+    for b in range(B):
+        keep = pool_titles[b] >= 0
+        titles.append([trie.titles_unique[i] for i in pool_titles[b][keep].tolist()])
+        scores.append(pool_scores[b][keep].tolist())
+    return BeamResult(titles, scores, pool_titles)

@@ -1,0 +1,1 @@
+"""LatentRATT, the LatentR3 model around a backbone LLM, and backbone loading."""

@@ -1,0 +1,99 @@
+"""Pieces the SFT and GRPO recipes share: accelerator set-up, resumable state, logging."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochShuffleSampler(Sampler):
+    """A permutation drawn from (seed, epoch): the order of any epoch can be rebuilt on resume."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_accelerator(batch_size: int, micro_batch_size: int, mixed_precision: str = "auto"):
+    """An Accelerator whose gradient accumulation reaches `batch_size` over all processes."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    world = PartialState().num_processes
+    per_step = micro_batch_size * world
+    if batch_size % per_step:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size x processes "
+                         f"({micro_batch_size} x {world})")
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(gradient_accumulation_steps=batch_size // per_step, mixed_precision=mixed_precision)
+
+
+class RunState:
+    """Counters and history of a run, saved beside accelerate's state so a killed run resumes exactly."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "state"
+        self.step = 0              # optimizer steps done
+        self.epoch = 0             # current epoch
+        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.best = math.inf       # best validation score so far (lower is better)
+        self.bad_evals = 0         # evaluations since the best one
+        self.elapsed = 0.0         # training seconds before this process started
+        self.done = False
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "path"}
+
+    def exists(self) -> bool:
+        return (self.path / "run_state.json").exists()
+
+    def load(self, accelerator) -> None:
+        accelerator.load_state(str(self.path))
+        self.__dict__.update(json.loads((self.path / "run_state.json").read_text()))
+
+    def save(self, accelerator) -> None:
+        """Writes to a temporary directory, then swaps it in: a kill mid-save keeps the previous state."""
+        tmp = self.path.with_name("state.tmp")
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "run_state.json").write_text(json.dumps(self.to_dict()))
+            old = self.path.with_name("state.old")
+            if self.path.exists():
+                self.path.rename(old)
+            tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.t0 = time.time()
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def build_scheduler(optimizer, name: str, warmup: int, total: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))

@@ -1,0 +1,279 @@
+"""Tests of LatentRATT, the single-pass LatentR3Model, the latent token, tokenization and checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentr3.config import ModelConfig
+from latentr3.data.prompts import PromptBuilder
+from latentr3.model.backbones import (
+    LATENT_TOKEN, add_latent_token, tiny_qwen2, tiny_tokenizer_corpus, train_tiny_tokenizer)
+from latentr3.model.build import build_model
+from latentr3.model.latent_lm import LatentR3Model, left_pad, right_pad
+from latentr3.model.latent_ratt import LatentRATT
+
+HIDDEN = 32
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def base_tokenizer(titles):
+    return train_tiny_tokenizer(tiny_tokenizer_corpus(titles, "movies"), vocab_size=400)
+
+
+def make_model(tokenizer, num_latent: int, seed: int = 0) -> LatentR3Model:
+    """A tiny 2-layer Qwen2 + LatentRATT (eval mode, fp32); `tokenizer` gets the latent token."""
+    backbone = tiny_qwen2(len(tokenizer), hidden=HIDDEN, layers=2, heads=2, seed=seed)
+    latent_id = add_latent_token(backbone, tokenizer)
+    torch.manual_seed(seed + 1)
+    model = LatentR3Model(backbone, latent_id if num_latent else None, num_latent)
+    # Non-trivial LatentRATT biases so that the latent is not ~0.
+    with torch.no_grad():
+        for lin in (model.latent_ratt.q_proj, model.latent_ratt.k_proj, model.latent_ratt.v_proj):
+            lin.weight.mul_(3.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok(base_tokenizer):
+    import copy
+
+    t = copy.deepcopy(base_tokenizer)
+    return t
+
+
+def examples(tok, titles, num_latent, ks=(1, 4, 8)):
+    """(prompt, target) id lists whose prompts and targets all differ in length."""
+    b = PromptBuilder(tok, "short", "movies", 512, num_latent)
+    out = [b.example(titles[:k], titles[k]) for k in ks]
+    assert len({len(p) for p, _ in out}) == len(out)
+    assert len({len(t) for _, t in out}) > 1
+    return out
+
+
+def batch(exs, pad, extra_prompt_pad=0, extra_target_pad=0):
+    pi, pm = left_pad([p for p, _ in exs], pad)
+    ti, tm = right_pad([t for _, t in exs], pad)
+    if extra_prompt_pad:
+        B = pi.shape[0]
+        pi = torch.cat([torch.full((B, extra_prompt_pad), pad), pi], 1)
+        pm = torch.cat([torch.zeros(B, extra_prompt_pad, dtype=pm.dtype), pm], 1)
+    if extra_target_pad:
+        B = ti.shape[0]
+        ti = torch.cat([ti, torch.full((B, extra_target_pad), pad)], 1)
+        tm = torch.cat([tm, torch.zeros(B, extra_target_pad, dtype=tm.dtype)], 1)
+    return pi, pm, ti, tm
+
+
+# ----------------------------------------------------------------------------------------- LatentRATT
+def _ratt_inputs(B=3, T=7, D=HIDDEN, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, D, generator=g)
+    pos = torch.arange(T).repeat(B, 1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    return h, pos, mask
+
+
+def test_latent_ratt_shape_and_dtype():
+    torch.manual_seed(0)
+    ratt = LatentRATT(HIDDEN)
+    h, pos, mask = _ratt_inputs()
+    out = ratt(h.to(torch.bfloat16), pos, mask, h[:, -1].to(torch.bfloat16), pos[:, -1])
+    assert out.shape == (3, HIDDEN)
+    assert out.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in ratt.parameters())
+    with pytest.raises(ValueError, match="even"):
+        LatentRATT(33)
+
+
+def test_latent_ratt_ignores_masked_positions():
+    torch.manual_seed(0)
+    ratt = LatentRATT(HIDDEN)
+    h, pos, mask = _ratt_inputs()
+    mask[0, :3] = False
+    mask[2, :1] = False
+    ref = ratt(h, pos, mask, h[:, -1], pos[:, -1])
+    h2 = h.clone()
+    h2[0, :3] = torch.randn(3, HIDDEN) * 10
+    h2[2, 0] = torch.randn(HIDDEN) * 10
+    out = ratt(h2, pos, mask, h2[:, -1], pos[:, -1])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    # ... while changing an attended position does change it (the test can see a difference).
+    h2[0, 4] += 1.0
+    assert not torch.allclose(ratt(h2, pos, mask, h2[:, -1], pos[:, -1])[0], ref[0], atol=1e-4)
+
+
+def test_latent_ratt_rope_is_relative_and_order_sensitive():
+    torch.manual_seed(0)
+    ratt = LatentRATT(HIDDEN)
+    h, pos, mask = _ratt_inputs(T=9)
+    ref = ratt(h, pos, mask, h[:, -1], pos[:, -1])
+    # A constant shift of every position (keys and query) leaves the scores unchanged.
+    shifted = ratt(h, pos + 13, mask, h[:, -1], pos[:, -1] + 13)
+    torch.testing.assert_close(shifted, ref, rtol=1e-4, atol=1e-5)
+    # Permuting the key contents over fixed positions changes the output: without RoPE attention
+    # would be permutation invariant, so this checks the rotation is applied.
+    perm = torch.tensor([3, 0, 7, 1, 5, 2, 6, 4, 8])
+    permuted = ratt(h[:, perm], pos, mask, h[:, -1], pos[:, -1])
+    assert not torch.allclose(permuted, ref, atol=1e-4)
+    # Moving only the query changes it too.
+    moved = ratt(h, pos, mask, h[:, -1], pos[:, -1] + 5)
+    assert not torch.allclose(moved, ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("num_latent", [0, 1, 2])
+def test_single_pass_equals_two_pass(tok, titles, num_latent):
+    model = make_model(tok, num_latent)
+    exs = examples(tok, titles, num_latent)
+    pi, pm, ti, tm = batch(exs, tok.pad_token_id)
+    with torch.no_grad():
+        single = model(pi, pm, ti, tm)
+        two = model.two_pass_target_logprobs(pi, pm, ti, tm)
+    assert single.shape == ti.shape
+    assert (single[tm == 0] == 0).all()
+    assert (single[tm == 1] < 0).all()
+    torch.testing.assert_close(single, two, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("num_latent", [1, 2])
+def test_left_padding_matches_rows_alone(tok, titles, num_latent):
+    model = make_model(tok, num_latent, seed=3)
+    exs = examples(tok, titles, num_latent)
+    pad = tok.pad_token_id
+    with torch.no_grad():
+        pi, pm, ti, tm = batch(exs, pad)
+        lat = model.think(model.prefill(pi, pm)).latents
+        lp = model(pi, pm, ti, tm)
+        pi2, pm2, ti2, tm2 = batch(exs, pad, extra_prompt_pad=5, extra_target_pad=3)
+        lat_pad = model.think(model.prefill(pi2, pm2)).latents
+        lp_pad = model(pi2, pm2, ti2, tm2)
+        assert lat.shape == (len(exs), num_latent, HIDDEN)
+        torch.testing.assert_close(lat_pad, lat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lp_pad[:, : lp.shape[1]], lp, rtol=1e-5, atol=2e-5)
+        assert (lp_pad[:, lp.shape[1]:] == 0).all()
+        for i, ex in enumerate(exs):
+            a, am, b, bm = batch([ex], pad)
+            assert am.all()  # alone: no padding at all
+            lat_i = model.think(model.prefill(a, am)).latents
+            lp_i = model(a, am, b, bm)
+            torch.testing.assert_close(lat_i[0], lat[i], rtol=1e-5, atol=1e-5)
+            T = b.shape[1]
+            torch.testing.assert_close(lp_i[0], lp[i, :T], rtol=1e-5, atol=2e-5)
+        # The latents depend on the row's content (not a constant vector).
+        assert not torch.allclose(lat[0], lat[1], atol=1e-3)
+
+
+def test_gradients_reach_latent_ratt_and_backbone(tok, titles):
+    model = make_model(tok, 1).train()
+    pi, pm, ti, tm = batch(examples(tok, titles, 1), tok.pad_token_id)
+    (-model(pi, pm, ti, tm).sum()).backward()
+    for lin in (model.latent_ratt.q_proj, model.latent_ratt.k_proj, model.latent_ratt.v_proj):
+        assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    layer = model.backbone.model.layers[0]
+    assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layer.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_no_latent_means_no_latent_ratt_gradient(tok, titles):
+    model = make_model(tok, 0).train()
+    pi, pm, ti, tm = batch(examples(tok, titles, 0), tok.pad_token_id)
+    (-model(pi, pm, ti, tm).sum()).backward()
+    for p in model.latent_ratt.parameters():
+        assert p.grad is None or not p.grad.any()
+    assert model.backbone.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_bad_model_arguments(tok):
+    backbone = tiny_qwen2(len(tok), hidden=HIDDEN, layers=1, heads=2)
+    with pytest.raises(ValueError, match="num_latent"):
+        LatentR3Model(backbone, 5, num_latent=-1)
+    with pytest.raises(ValueError, match="latent token"):
+        LatentR3Model(backbone, None, num_latent=1)
+
+
+# ----------------------------------------------------------------------------------------- tokens
+def test_latent_token_is_special_and_read_from_tokenizer(base_tokenizer):
+    import copy
+
+    tk = copy.deepcopy(base_tokenizer)
+    n = len(tk)
+    backbone = tiny_qwen2(n, hidden=HIDDEN, layers=1, heads=2)
+    latent_id = add_latent_token(backbone, tk)
+    assert latent_id == tk.convert_tokens_to_ids(LATENT_TOKEN) == n  # a new id, not an existing token
+    assert len(tk) == n + 1
+    assert backbone.get_input_embeddings().num_embeddings >= n + 1
+    assert tk.added_tokens_decoder[latent_id].special
+    assert tk.added_tokens_decoder[latent_id].content == LATENT_TOKEN
+    # Text containing the marker tokenizes it as one id; decoding with skip_special_tokens drops it.
+    ids = tk("a " + LATENT_TOKEN + " b", add_special_tokens=False)["input_ids"]
+    assert ids.count(latent_id) == 1
+    assert LATENT_TOKEN not in tk.decode(ids, skip_special_tokens=True)
+    # Adding it again is a no-op returning the same id.
+    assert add_latent_token(backbone, tk) == latent_id and len(tk) == n + 1
+
+
+def test_target_ids_end_with_eos(tok, titles):
+    b = PromptBuilder(tok, "paper", "movies", 512, 1)
+    for title in titles[:4] + ['A "quoted", odd title: été']:
+        ids = b.target_ids(title)
+        expected = tok(f'"{title}"\n', add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids == expected
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[:-1]) == f'"{title}"\n'
+
+
+def test_prompt_truncation_drops_oldest_titles(tok, titles):
+    history = titles[:10]
+    full = PromptBuilder(tok, "short", "movies", 10_000, 1)
+    full_len = len(full.prompt_ids(history))
+    target = full.target_ids(titles[10])
+    cutoff = full_len // 2 + len(target) + 1
+    b = PromptBuilder(tok, "short", "movies", cutoff, 1)
+    prompt, tgt = b.example(history, titles[10])
+    assert tgt == target
+    assert len(prompt) + len(tgt) + 1 <= cutoff
+    text = tok.decode(prompt)
+    kept = [t for t in history if f'"{t}"' in text]
+    assert 0 < len(kept) < len(history)
+    assert kept == history[len(history) - len(kept):]  # a suffix: the newest titles are kept
+    assert prompt == tok(b.prompt_text(kept))["input_ids"]
+    # Nothing dropped when it fits.
+    assert PromptBuilder(tok, "short", "movies", 10_000, 1).example(history, titles[10])[0] == \
+        full.prompt_ids(history)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpoint_round_trip(tmp_path, titles, tok, lora):
+    cfg = ModelConfig(backbone="tiny", tiny_hidden=HIDDEN, tiny_layers=1, tiny_heads=2, tiny_vocab=300,
+                      num_latent=1, lora=lora)
+    model, tk = build_model(cfg, titles, "movies")
+    # Move every trainable weight away from its initialisation (LoRA B starts at zero).
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    if lora:
+        assert any("lora_B" in n for n, p in model.named_parameters() if p.requires_grad)
+    model.eval()
+    exs = examples(tk, titles, 1, ks=(1, 3, 6))
+    pi, pm, ti, tm = batch(exs, tk.pad_token_id)
+    with torch.no_grad():
+        ref = model(pi, pm, ti, tm)
+    model.save_pretrained(tmp_path / "ckpt", tk, {"note": "x"})
+    loaded, tk2, meta = LatentR3Model.from_pretrained(tmp_path / "ckpt")
+    loaded.eval()
+    assert meta["lora"] is lora and meta["note"] == "x" and meta["num_latent"] == 1
+    assert loaded.latent_token_id == model.latent_token_id == tk2.convert_tokens_to_ids(LATENT_TOKEN)
+    assert tk2("Heat (1995)")["input_ids"] == tk("Heat (1995)")["input_ids"]
+    assert tk2.added_tokens_decoder[loaded.latent_token_id].special  # still special after reload
+    with torch.no_grad():
+        out = loaded(pi, pm, ti, tm)
+    assert torch.equal(out, ref)
+
+
+def test_from_pretrained_rejects_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="latentr3.json"):
+        LatentR3Model.from_pretrained(tmp_path)
