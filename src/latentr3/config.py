@@ -128,12 +128,13 @@ class EvalConfig:
     # Users decoded together (each with num_beams beams).
     batch_size: int = 16
     num_beams: int = 10
-    # Titles returned and scored per user.  The beams' order does not depend on it, and the search runs
-    # until no live beam can enter the list, so the top 10 of a top-20 list are the top-10 list.
-    top_k: int = 20
+    # Titles returned and scored per user (at most num_beams are guaranteed: when every live beam ends
+    # at once the search stops).  The beams do not depend on it, and the search runs until no live beam
+    # can enter the list, so the first 10 of a top-20 list are the top-10 list.
+    top_k: int = 10
     # 1.0: score = sum of token log-probs / length (BIGRec, the paper's setting); 0.0: plain sum (D3).
     length_penalty: float = 1.0
-    # Cut-offs of HR@K / NDCG@K.  K above top_k is computed on the top_k list (misses beyond it).
+    # Cut-offs of HR@K / NDCG@K; those above top_k are left out (set num_beams = top_k = 20 for @20).
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
     # Split whose target titles make the title-popularity baseline ("" = data.train_split).
     popularity_source: str = ""
@@ -174,6 +175,10 @@ class GRPOConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     num_iterations: int = 1
+    # (added for the single-pass trainer) How the loss passes get each prompt's KV cache: "keep" forks
+    # the rollout's prompt pass (no recomputation; holds the batch's prompt caches until the update),
+    # "recompute" runs the prompt again under no_grad (less memory).
+    prefix_cache: str = "keep"
     # KL penalty to the SFT model's latent policy (0 = none, the paper).
     beta: float = 0.0
     # Also train a LoRA adapter on the (otherwise frozen) backbone.

@@ -41,6 +41,11 @@ def build_trie(catalogue: Catalogue, builder: PromptBuilder, vocab_size: int) ->
     return ItemTrie.build(seqs, catalogue.titles, catalogue.ids, vocab_size)
 
 
+def reported_ks(cfg: EvalConfig) -> list[int]:
+    """Cut-offs that the top_k list can answer."""
+    return [k for k in cfg.ks if k <= cfg.top_k]
+
+
 def title_counts(catalogue: Catalogue) -> Counter:
     return Counter(catalogue.titles)
 
@@ -95,7 +100,7 @@ def evaluate_samples(model: LatentR3Model, tokenizer, builder: PromptBuilder, sa
     if was_training:
         model.train()
     metrics = compute_metrics([r["predicted"] for r in records], [r["target"] for r in records],
-                              title_counts(catalogue), cfg.ks)
+                              title_counts(catalogue), reported_ks(cfg))
     return EvalResult(metrics, records, seconds)
 
 
@@ -104,7 +109,7 @@ def popularity_metrics(source: list[Sample], samples: list[Sample], catalogue: C
     """The title-popularity baseline: the source split's most frequent target titles, for everyone."""
     top = popularity_ranking([s.target_title for s in source], cfg.top_k)
     return compute_metrics([top] * len(samples), [s.target_title for s in samples], title_counts(catalogue),
-                           cfg.ks)
+                           reported_ks(cfg))
 
 
 def builder_for_checkpoint(tokenizer, meta: dict, num_latent: int) -> PromptBuilder:
@@ -147,6 +152,6 @@ def run_eval(cfg: Config) -> dict:
         print(f"\n{len(samples)} {e.split} rows, {result.users_per_second:.1f} users/s; "
               f"share of targets whose title is not unique: {result.metrics['share_nonunique_target_titles']:.3f}")
         for protocol in ("legacy", "item"):
-            print(f"\n{protocol} protocol\n" + format_markdown_table(rows, e.ks, protocol=protocol))
+            print(f"\n{protocol} protocol\n" + format_markdown_table(rows, reported_ks(e), protocol=protocol))
         print(f"\nwritten: {out / 'recommendations.jsonl'}, {out / 'summary.json'}")
     return summary

@@ -1,0 +1,487 @@
+"""Stage 2 of LatentR3: latent GRPO (backbone frozen, LatentRATT trained).
+
+Launch: `latentr3 grpo --config configs/cds_qwen2.5-1.5b_grpo.yaml [grpo.lr=... ...]` on CPU or one GPU,
+or `accelerate launch -m latentr3 grpo --config ...` on several (entry point: `train_grpo`).
+
+Rollouts are samples of the latent thought, not of text.  For every prompt, G = `num_generations`
+samples r_k = mu_theta + eps_k, eps_k ~ N(0, noise_std^2 I), are fed to the frozen LLM; sample 0 of every
+prompt is noise-free.  The reward of a sample is minus the perplexity of the true target under
+(prompt, r_k): ``-exp(mean token NLL)`` over the target tokens, EOS included.
+
+The "policy log-probs" (following the paper's modified GRPO and the authors' code) are the frozen LLM's
+per-token log-probs of the target given (prompt, mu_theta + eps_k), with eps_k the noise stored at
+rollout time.  The loss is the PPO-clipped surrogate ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)``
+with ``rho = exp(logp - logp_old)`` per token, averaged over each sequence's target tokens and then over
+the sequences of the optimizer batch; gradients reach LatentRATT through the frozen LLM and the latent
+embedding.  (A Gaussian-policy ratio over r_k would be the textbook alternative; it is not what the paper
+trains.)  With ``num_iterations`` = 1 the old log-probs are the rollout's, so rho = 1 up to rounding and
+clipping is inactive.  An optional k3 KL penalty (``beta`` > 0) to the SFT model compares against the
+target log-probs under a frozen copy of the initial LatentRATT with the same noise.
+
+One optimizer step ("step" in logs, `max_steps`, `eval_steps`, `save_steps`) is one rollout batch of
+`batch_size` prompts over all processes: rollouts (no grad, micro-batches of `micro_batch_size` prompts),
+rewards gathered over processes, advantages on the gathered batch, then `num_iterations` optimizer
+updates, each a pass of loss micro-batches with gradient accumulation.  Gradients are averaged over
+processes explicitly (the model is not DDP-wrapped: the single-pass methods are not `forward`).
+
+Single pass: the frozen backbone runs each prompt once, under no_grad, and its KV cache is shared by the
+prompt's G samples; each sample runs only its latent token(s) and target tokens on that cache.  The
+prompt's cache is kept from the rollout to the loss passes (``grpo.prefix_cache: keep``: a cheap fork,
+the cache tensors are never written in place) or recomputed (``recompute``).  The first latent is
+computed once per prompt (LatentRATT's keys/values over the prompt are the same for all G samples).
+
+The data order is drawn from (seed, epoch) and the noise from (seed, step) for the whole global batch,
+so a resumed run and a run on any number of processes see the same batches and the same noise; an
+incomplete last batch of an epoch is dropped.  The model stays in eval mode (no dropout): the loss
+pass must reproduce the rollout.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config, GRPOConfig, save_config
+from ..model.latent_lm import LatentR3Model, Prefix
+from .advantages import (ADVANTAGE_RULES, compute_advantages, item_frequencies, popularity_groups,
+                         popularity_scores, popularity_thresholds, perplexity_reward)
+from .common import EpochShuffleSampler, MetricsLog, RunState, build_scheduler, make_accelerator
+
+NDCG_KEY = "legacy/NDCG@10"
+
+
+# ============================================================================ single-pass model pieces
+def fork_prefix(prefix: Prefix) -> Prefix:
+    """A Prefix that can be consumed without consuming `prefix`.
+
+    Dynamic KV caches grow by concatenation and `batch_repeat_interleave` rebinds its tensors, so the
+    fork only needs new cache/layer objects sharing the same tensors (no copy of the prompt's KV).
+    Other cache types are deep-copied.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    cache = prefix.cache
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(type(l) is DynamicLayer for l in layers):  # noqa: E741
+        new = copy.copy(cache)
+        new.layers = [copy.copy(l) for l in layers]  # noqa: E741
+    else:
+        new = copy.deepcopy(cache)
+    return Prefix(new, prefix.attention_mask, prefix.hidden, prefix.positions, prefix.last_logits,
+                  prefix.latents)
+
+
+def _latent(ratt, prefix: Prefix) -> torch.Tensor:
+    return ratt(prefix.hidden, prefix.positions, prefix.attention_mask.bool(), prefix.hidden[:, -1],
+                prefix.positions[:, -1])
+
+
+def expand_and_think(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.Tensor,
+                     ratt=None) -> Prefix:
+    """`model.think(prefix.repeat_interleave(G), noise)`, with the first latent computed once per prompt.
+
+    prefix: a prompt-only Prefix of P rows (consumed); noise (P*G, N, D); `ratt` replaces the model's
+    LatentRATT (the frozen reference of the KL penalty).  Returns the P*G-row Prefix after the latents.
+    """
+    ratt = model.latent_ratt if ratt is None else ratt
+    N = model.num_latent
+    r = _latent(ratt, prefix).repeat_interleave(G, dim=0)
+    prefix.cache.batch_repeat_interleave(G)
+    rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731
+    # Later latents attend to the prompt's hidden states; with one latent they are not needed again
+    # (an empty tensor saves the repeat and the concatenations of `append`).  The prompt's last logits
+    # are replaced by the latent's before any target token is scored.
+    hidden = rep(prefix.hidden) if N > 1 else prefix.hidden[:, :0].repeat_interleave(G, dim=0)
+    p = Prefix(prefix.cache, rep(prefix.attention_mask), hidden, rep(prefix.positions),
+               prefix.last_logits[:, :0].repeat_interleave(G, dim=0))
+    latents = []
+    for i in range(N):
+        if i:
+            r = _latent(ratt, p)
+        r = r + noise[:, i].to(r.dtype)
+        latents.append(r)
+        p, _ = model.append(p, r[:, None, :], logits_to_keep=1)
+    p.latents = torch.stack(latents, 1)
+    return p
+
+
+def sample_logprobs(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.Tensor,
+                    target_ids: torch.Tensor, ratt=None) -> torch.Tensor:
+    """Per-token target log-probs (P*G, T) of the G latent samples of each prompt (prefix consumed)."""
+    p = expand_and_think(model, prefix, G, noise, ratt)
+    return model.target_logprobs(p, target_ids.repeat_interleave(G, dim=0))
+
+
+def draw_noise(seed: int, step: int, prompts: int, G: int, num_latent: int, hidden: int,
+               std: float) -> torch.Tensor:
+    """Latent noise (prompts, G, N, D) of one global batch, from (seed, step) only; sample 0 is zero."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    noise = torch.randn(prompts, G, num_latent, hidden, generator=g) * std
+    noise[:, 0] = 0.0
+    return noise
+
+
+# ============================================================================ rollouts and loss
+@dataclass
+class Rollout:
+    """One micro-batch of prompts and their G latent samples each (rows prompt-major: p*G + k)."""
+
+    batch: dict                    # prompt_ids, prompt_mask, target_ids, target_mask (P rows)
+    noise: torch.Tensor            # (P*G, N, D) the noise each sample was drawn with
+    old_logprobs: torch.Tensor     # (P*G, T) rollout target log-probs (no grad; pads unmasked)
+    rewards: torch.Tensor          # (P, G)
+    target_mask: torch.Tensor      # (P*G, T)
+    prefix: Prefix | None = None   # the prompt pass, kept for the loss passes (prefix_cache=keep)
+    ref_logprobs: torch.Tensor | None = None  # (P*G, T) under the frozen reference LatentRATT
+    advantages: torch.Tensor | None = None    # (P*G,) set after the batch's rewards are gathered
+
+
+@torch.no_grad()
+def rollout(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int, keep_prefix: bool = True,
+            ref_ratt=None) -> Rollout:
+    """Prompt pass once per prompt, then G latent samples each: rewards and old log-probs (no grad).
+
+    noise: (P*G, N, D) or (P, G, N, D).
+    """
+    noise = noise.reshape(-1, *noise.shape[-2:]).to(model.device)
+    prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+    tmask = batch["target_mask"].repeat_interleave(G, dim=0)
+    logp = sample_logprobs(model, fork_prefix(prefix), G, noise, batch["target_ids"])
+    ref = None
+    if ref_ratt is not None:
+        ref = sample_logprobs(model, fork_prefix(prefix), G, noise, batch["target_ids"], ratt=ref_ratt)
+    rewards = perplexity_reward(logp, tmask).view(-1, G)
+    return Rollout(batch, noise, logp, rewards, tmask, prefix if keep_prefix else None, ref)
+
+
+def policy_loss(model: LatentR3Model, ro: Rollout, G: int, clip_low: float, clip_high: float,
+                beta: float = 0.0, train_backbone: bool = False) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate of one rollout micro-batch (mean over its sequences) and token statistics.
+
+    The prompt pass is the kept one (forked) or, without it, recomputed (under no_grad unless the
+    backbone trains, i.e. LoRA).
+    """
+    if ro.prefix is not None and not train_backbone:
+        prefix = fork_prefix(ro.prefix)
+    else:
+        with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+            prefix = model.prefill(ro.batch["prompt_ids"], ro.batch["prompt_mask"])
+    logp = sample_logprobs(model, prefix, G, ro.noise, ro.batch["target_ids"])
+    mask = ro.target_mask.to(logp.dtype)
+    adv = ro.advantages.to(logp.dtype)[:, None]
+    ratio = torch.exp(logp - ro.old_logprobs)
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if beta:
+        d = (ro.ref_logprobs - logp) * mask
+        per_token = per_token + beta * (torch.exp(d) - d - 1.0)
+    ntok = mask.sum(-1).clamp(min=1)
+    loss = ((per_token * mask).sum(-1) / ntok).mean()
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        stats = {"clipped_tokens": float((is_clipped * mask).sum()), "tokens": float(mask.sum())}
+        if beta:
+            stats["kl"] = float((((torch.exp(d) - d - 1) * mask).sum(-1) / ntok).sum())
+    return loss, stats
+
+
+class TrainableState:
+    """The trained parameters (LatentRATT, and LoRA when on) as an accelerate checkpointing object."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict:
+        return {n: p.detach().cpu().clone() for n, p in self.params.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(sd[n].to(p.device, p.dtype))
+
+
+def _all_reduce_mean_grads(params: list[torch.nn.Parameter], accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    i = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p))
+        i += n
+
+
+def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[dict], noise: torch.Tensor,
+              g: GRPOConfig, accelerator, groups: torch.Tensor | None = None, ref_ratt=None,
+              train_backbone: bool = False) -> dict:
+    """One rollout batch: rollouts, gathered rewards, advantages, `num_iterations` optimizer updates.
+
+    micro_batches: this process's share of the global batch (equal-sized, collated, on device);
+    noise: (P_local, G, N, D) this process's rows of `draw_noise`; groups: (P_global,) popularity groups
+    of the whole global batch (rule popularity_group).  Returns the step's statistics, with the gathered
+    ``rewards`` and ``advantages`` tensors (P_global, G).
+    """
+    G = g.num_generations
+    params = [p for p in model.parameters() if p.requires_grad]
+    keep = g.prefix_cache == "keep" and not train_backbone
+    # --- rollouts for the whole batch (no grad)
+    rollouts, k = [], 0
+    for mb in micro_batches:
+        P = mb["prompt_ids"].shape[0]
+        rollouts.append(rollout(model, mb, noise[k:k + P], G, keep, ref_ratt))
+        k += P
+    local_rewards = torch.cat([ro.rewards for ro in rollouts])
+    rewards = accelerator.gather(local_rewards.contiguous())
+    adv = compute_advantages(g.advantage, rewards.float(), None if groups is None else groups.to(rewards.device),
+                             g.popularity_weight)
+    start = accelerator.process_index * local_rewards.shape[0]
+    local_adv = adv[start:start + local_rewards.shape[0]]
+    k = 0
+    for ro in rollouts:
+        P = ro.rewards.shape[0]
+        ro.advantages = local_adv[k:k + P].reshape(-1)
+        k += P
+    # --- policy updates
+    n_micro = len(rollouts)
+    losses, clipped, tokens, kl, grad_norms = [], 0.0, 0.0, 0.0, []
+    for _ in range(g.num_iterations):
+        for ro in rollouts:
+            loss, st = policy_loss(model, ro, G, g.clip_eps_low, g.clip_eps_high, g.beta, train_backbone)
+            (loss / n_micro).backward()
+            losses.append(loss.item())
+            clipped += st["clipped_tokens"]
+            tokens += st["tokens"]
+            kl += st.get("kl", 0.0)
+        _all_reduce_mean_grads(params, accelerator)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    totals = torch.tensor([sum(losses) / len(losses), clipped, tokens, kl], dtype=torch.float64,
+                          device=local_rewards.device)
+    totals = accelerator.reduce(totals, reduction="sum")
+    nf = rewards[:, 0]
+    stats = {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+        "reward_noise_free": float(nf.mean()),
+        "adv_mean": float(adv.mean()), "adv_std": float(adv.std(unbiased=False)),
+        "adv_min": float(adv.min()), "adv_max": float(adv.max()),
+        "adv_zero_share": float((adv.abs() < 1e-8).float().mean()),
+        "loss": float(totals[0]) / accelerator.num_processes,
+        "clip_fraction": float(totals[1] / totals[2].clamp(min=1)),
+        "grad_norm": grad_norms[-1], "lr": scheduler.get_last_lr()[0],
+        "rewards": rewards.detach().cpu(), "advantages": adv.detach().cpu(),
+    }
+    if g.beta:
+        stats["kl"] = float(totals[3]) / (rewards.numel() * g.num_iterations)
+    return stats
+
+
+# ============================================================================ the recipe
+def _validate(model, tokenizer, builder, samples, catalogue, cfg: Config, accelerator) -> float | None:
+    """Validation NDCG@10 (legacy protocol) by beam search; None when the evaluator is unavailable."""
+    try:
+        from ..evaluation.evaluate import evaluate_samples
+    except ImportError:
+        return None
+    res = evaluate_samples(model, tokenizer, builder, samples, catalogue, cfg.eval, accelerator=accelerator)
+    return float(res.metrics[NDCG_KEY])
+
+
+def _freeze_for_grpo(model: LatentR3Model, cfg: Config) -> bool:
+    """Freezes the backbone; LatentRATT (and a LoRA adapter with grpo.lora) train.  True if LoRA trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.latent_ratt.parameters():
+        p.requires_grad_(True)
+    if not cfg.grpo.lora:
+        return False
+    if not hasattr(model.backbone, "peft_config"):
+        from peft import LoraConfig, get_peft_model
+
+        m = cfg.model
+        lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=0.0,
+                          target_modules=m.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+        model.backbone = get_peft_model(model.backbone, lora)
+    for n, p in model.backbone.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+    return True
+
+
+def train_grpo(cfg: Config) -> Path:
+    """Runs (or resumes) latent GRPO from the SFT checkpoint `cfg.grpo.init`; returns the best checkpoint.
+
+    Writes output_dir/{config.yaml, metrics.jsonl, state/, best/, last/, done.json}.
+    """
+    from accelerate.utils import set_seed
+
+    from ..data.dataset import collate, load_catalogue, load_split, subsample, tokenize_samples
+    from ..data.prompts import PromptBuilder
+    from ..model.build import resolve_dtype
+
+    g = cfg.grpo
+    if not g.init:
+        raise ValueError("grpo.init must name the SFT checkpoint to start from")
+    if g.advantage not in ADVANTAGE_RULES:
+        raise ValueError(f"grpo.advantage must be one of {ADVANTAGE_RULES}, got {g.advantage!r}")
+    if g.prefix_cache not in ("keep", "recompute"):
+        raise ValueError(f"grpo.prefix_cache must be keep or recompute, got {g.prefix_cache!r}")
+    if g.num_generations < 1 or g.num_iterations < 1:
+        raise ValueError("grpo.num_generations and grpo.num_iterations must be >= 1")
+    out = Path(g.output_dir)
+    best_dir, last_dir = out / "best", out / "last"
+    accelerator = make_accelerator(g.batch_size, g.micro_batch_size, mixed_precision="no")
+    set_seed(g.seed)
+    state = RunState(out)
+    if (out / "done.json").exists():
+        accelerator.print(f"GRPO already completed in {out}; best checkpoint: {best_dir}")
+        return best_dir
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # --- model
+    dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
+    model, tokenizer, meta = LatentR3Model.from_pretrained(g.init, dtype=dtype, device=accelerator.device)
+    if model.num_latent < 1:
+        raise ValueError(f"{g.init} has no latent token: GRPO trains the latent thought")
+    model.eval()  # no dropout: the loss pass must reproduce the rollout
+    ref_ratt = None
+    if g.beta:
+        ref_ratt = copy.deepcopy(model.latent_ratt).requires_grad_(False)
+    train_backbone = _freeze_for_grpo(model, cfg)
+    model.to(accelerator.device)
+    save_meta = {k: v for k, v in meta.items()
+                 if k not in ("num_latent", "latent_token_id", "latent_rope_base", "hidden_size", "lora")}
+    if train_backbone and not meta.get("lora"):
+        save_meta["base_model"] = str(Path(g.init).resolve() / "backbone")
+    save_meta["grpo_init"] = str(g.init)
+    builder = PromptBuilder(tokenizer, meta.get("template", cfg.prompt.template),
+                            meta.get("item_noun", cfg.data.item_noun),
+                            meta.get("cutoff_len", cfg.prompt.cutoff_len), model.num_latent)
+
+    # --- data
+    catalogue = load_catalogue(cfg.data)
+    all_train = load_split(cfg.data, "train", catalogue)
+    train_rows = subsample(all_train, g.sample, g.seed)
+    train_set = tokenize_samples(train_rows, builder)
+    groups_all = None
+    if g.advantage == "popularity_group":
+        freq = item_frequencies([s.history_ids for s in all_train], [s.target_id for s in all_train])
+        thr = popularity_thresholds(popularity_scores([s.history_ids for s in all_train], freq),
+                                    g.popularity_groups)
+        groups_all = popularity_groups(popularity_scores([s.history_ids for s in train_rows], freq), thr)
+    valid_rows = None
+    pad = tokenizer.pad_token_id
+    world, rank = accelerator.num_processes, accelerator.process_index
+    B, mb, G = g.batch_size, g.micro_batch_size, g.num_generations
+    local = B // world
+    steps_per_epoch = len(train_set) // B
+    if steps_per_epoch == 0:
+        raise ValueError(f"grpo.batch_size {B} exceeds the {len(train_set)} training rows")
+    total_steps = g.max_steps or steps_per_epoch * g.epochs
+
+    # --- optimisation
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=g.lr, weight_decay=g.weight_decay)
+    updates = total_steps * g.num_iterations
+    # A prepared scheduler steps once per process per update (as in SFT): lay it out in process-steps.
+    scheduler = build_scheduler(optimizer, g.scheduler, g.warmup_steps * world, updates * world)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    trainable = TrainableState(model)
+    accelerator.register_for_checkpointing(trainable)
+    if g.resume and state.exists():
+        state.load(accelerator)
+        accelerator.print(f"resuming GRPO at step {state.step} (epoch {state.epoch})")
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+    sampler = EpochShuffleSampler(len(train_set), g.seed)
+
+    def evaluate_and_keep_best() -> None:
+        nonlocal valid_rows
+        if valid_rows is None:
+            valid_rows = subsample(load_split(cfg.data, "valid", catalogue), g.eval_sample, g.seed)
+        ndcg = _validate(model, tokenizer, builder, valid_rows, catalogue, cfg, accelerator)
+        if ndcg is None:
+            accelerator.print("evaluator unavailable: no validation, the last checkpoint is the best")
+            return
+        if -ndcg < state.best:  # RunState keeps "lower is better"
+            state.best, state.bad_evals = -ndcg, 0
+            if accelerator.is_main_process:
+                model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step,
+                                                            "valid_ndcg10": ndcg})
+        else:
+            state.bad_evals += 1
+        log.write(step=state.step, valid_ndcg10=ndcg, best_ndcg10=-state.best)
+        accelerator.print(f"step {state.step}: validation NDCG@10 {ndcg:.4f} (best {-state.best:.4f})")
+
+    # --- the loop
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    bar = tqdm(total=total_steps, initial=state.step, desc="grpo", disable=not accelerator.is_main_process)
+    perm_epoch, perm = None, None
+    while state.step < total_steps:
+        if state.batches_in_epoch >= steps_per_epoch:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+        if perm_epoch != state.epoch:
+            sampler.epoch = state.epoch
+            perm, perm_epoch = list(iter(sampler)), state.epoch
+        j = state.batches_in_epoch
+        global_idx = perm[j * B:(j + 1) * B]
+        mine = global_idx[rank * local:(rank + 1) * local]
+        micro = []
+        for s0 in range(0, local, mb):
+            b = collate([train_set[i] for i in mine[s0:s0 + mb]], pad)
+            micro.append({k: v.to(accelerator.device) for k, v in b.items()})
+        noise = draw_noise(g.seed, state.step, B, G, model.num_latent, model.latent_ratt.hidden_size,
+                           g.noise_std)[rank * local:(rank + 1) * local]
+        groups = groups_all[global_idx] if groups_all is not None else None
+        stats = grpo_step(model, optimizer, scheduler, micro, noise, g, accelerator, groups, ref_ratt,
+                          train_backbone)
+        stats.pop("rewards"), stats.pop("advantages")
+        state.step += 1
+        state.batches_in_epoch += 1
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward_mean']:.4f}", nf=f"{stats['reward_noise_free']:.4f}",
+                        clip=f"{stats['clip_fraction']:.3f}")
+        if state.step % g.log_steps == 0 or state.step == 1:
+            log.write(step=state.step, epoch=state.epoch, **stats, elapsed=state.elapsed + time.time() - start)
+        if g.eval_steps and state.step % g.eval_steps == 0:
+            evaluate_and_keep_best()
+        final = state.step >= total_steps
+        if final or state.step % g.save_steps == 0 or state.step == g.halt_after_steps:
+            state.elapsed += time.time() - start
+            start = time.time()
+            state.save(accelerator)
+        if g.halt_after_steps and state.step == g.halt_after_steps and not final:
+            bar.close()
+            accelerator.print(f"halting after step {state.step} (grpo.halt_after_steps)")
+            return best_dir
+    bar.close()
+    if not g.eval_steps or state.step % g.eval_steps:
+        evaluate_and_keep_best()
+    state.elapsed += time.time() - start
+    if accelerator.is_main_process:
+        model.save_pretrained(last_dir, tokenizer, {**save_meta, "grpo_step": state.step})
+        if not (best_dir / "latentr3.json").exists():
+            model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step})
+        summary = {"steps": state.step, "epochs": state.epoch, "train_rows": len(train_set),
+                   "best_valid_ndcg10": None if math.isinf(state.best) else -state.best,
+                   "train_seconds": state.elapsed, "processes": world}
+        (out / "done.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return best_dir

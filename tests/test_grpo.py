@@ -1,0 +1,359 @@
+"""Tests of latent GRPO (latentr3.training.grpo, latentr3.training.advantages) on tiny random models."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentr3.config import Config, GRPOConfig, ModelConfig
+from latentr3.data.dataset import collate, tokenize_samples
+from latentr3.data.prompts import PromptBuilder
+from latentr3.data.splits import read_catalogue, read_split, write_catalogue, write_split
+from latentr3.model.build import build_model
+from latentr3.model.latent_lm import LatentR3Model
+from latentr3.training import advantages as A
+from latentr3.training import grpo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def make_data(root: Path, n_items: int = 24, n_train: int = 24, seed: int = 0) -> Path:
+    """A tiny dataset: catalogue + train/valid/test splits of random histories."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    titles = [f"Album {chr(65 + i % 26)}{i}" for i in range(n_items)]
+    write_catalogue(root / "info.txt", range(n_items), titles)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            hist = rng.sample(range(n_items), rng.randint(1, 4))
+            tgt = rng.randrange(n_items)
+            out.append({"history_item_id": hist, "item_id": tgt,
+                        "history_item_title": [titles[i] for i in hist], "item_title": titles[tgt]})
+        return out
+
+    write_split(root / "train.csv", rows(n_train))
+    write_split(root / "valid.csv", rows(8))
+    write_split(root / "test.csv", rows(8))
+    return root
+
+
+def make_checkpoint(root: Path, data: Path, num_latent: int = 1, hidden: int = 32) -> Path:
+    """A tiny untrained LatentR3 "SFT" checkpoint as sft.py writes it."""
+    cat = read_catalogue(data / "info.txt")
+    mcfg = ModelConfig(backbone="tiny", tiny_hidden=hidden, tiny_layers=1, tiny_heads=2, tiny_vocab=300,
+                       num_latent=num_latent)
+    torch.manual_seed(0)
+    model, tok = build_model(mcfg, cat.titles, "albums")
+    meta = {"backbone": "tiny", "item_noun": "albums", "template": "short", "cutoff_len": 128}
+    ckpt = root / "sft"
+    model.save_pretrained(ckpt, tok, meta)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    data = make_data(root / "data")
+    ckpt = make_checkpoint(root, data)
+    return root, data, ckpt
+
+
+def load(ckpt, seed=0):
+    model, tok, meta = LatentR3Model.from_pretrained(ckpt)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.latent_ratt.parameters():
+        p.requires_grad_(True)
+    builder = PromptBuilder(tok, meta["template"], meta["item_noun"], meta["cutoff_len"], model.num_latent)
+    return model, tok, builder
+
+
+def a_batch(data: Path, builder, tok, n: int = 4, start: int = 0) -> dict:
+    rows = read_split(data / "train.csv")[start:start + n]
+    return collate(tokenize_samples(rows, builder), tok.pad_token_id)
+
+
+def noise_for(model, P, G, std=1.0, seed=0):
+    return grpo.draw_noise(seed, 0, P, G, model.num_latent, model.latent_ratt.hidden_size, std)
+
+
+class _OneProcess:
+    """The few Accelerator members grpo_step uses, for one process."""
+
+    num_processes, process_index = 1, 0
+
+    def gather(self, t):
+        return t
+
+    def reduce(self, t, reduction="sum"):
+        return t
+
+
+def make_config(root: Path, data: Path, ckpt: Path, out: str, **grpo_kw) -> Config:
+    cfg = Config()
+    cfg.data.dir = str(data)
+    cfg.data.item_noun = "albums"
+    cfg.model.dtype = "float32"
+    kw = dict(init=str(ckpt), output_dir=str(root / out), num_generations=4, noise_std=1.0,
+              batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=0, scheduler="constant",
+              eval_steps=0, max_steps=4, save_steps=100, log_steps=1)
+    kw.update(grpo_kw)
+    cfg.grpo = GRPOConfig(**kw)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ rewards
+def test_perplexity_reward_hand_computed():
+    logp = torch.tensor([[math.log(0.5), math.log(0.25), 0.0], [math.log(0.1), -7.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # row 0: mean NLL = (ln 2 + ln 4) / 2 = 1.5 ln 2 -> ppl = 2^1.5; row 1: ppl = 10
+    got = A.perplexity_reward(logp, mask)
+    assert torch.allclose(got, torch.tensor([-(2 ** 1.5), -10.0]))
+
+
+# ------------------------------------------------------------------------------------------ advantages
+def test_batch_rule_hand_computed():
+    s = torch.tensor([[-2.0, -1.0], [-4.0, -5.0]])
+    # s_bar = mean(-2, -4) = -3 (noise-free only); centred = [[1, 2], [-1, -2]]; norm = sqrt(10)
+    want = torch.tensor([[1.0, 2.0], [-1.0, -2.0]]) / math.sqrt(10)
+    assert torch.allclose(A.batch_relative_advantage(s), want)
+    assert torch.allclose(A.compute_advantages("batch", s), want)
+    # all rewards equal -> zeros, not NaN
+    assert torch.equal(A.batch_relative_advantage(torch.full((2, 3), -1.5)), torch.zeros(2, 3))
+
+
+def test_group_rule_hand_computed():
+    s = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    # row 0: mean 2, population std 1 -> [-1, 1] / (1 + eps); row 1: all equal -> 0
+    want = torch.tensor([[-1.0 / 1.0001, 1.0 / 1.0001], [0.0, 0.0]])
+    assert torch.allclose(A.group_advantage(s), want)
+
+
+def test_popularity_group_rule_hand_computed():
+    s = torch.tensor([[1.0, 3.0], [5.0, 7.0], [0.0, 0.0]])
+    groups = torch.tensor([0, 0, 1])
+    # group 0: samples 1,3,5,7 -> mean 4, population std sqrt(5); group 1: all 0 -> z 0
+    z = torch.tensor([[-3.0, -1.0], [1.0, 3.0], [0.0, 0.0]]) / (math.sqrt(5) + 1e-4)
+    z[2] = 0.0
+    # batch: s_bar = mean(1, 5, 0) = 2; centred [[-1, 1], [3, 5], [-2, -2]]; norm sqrt(44)
+    b = torch.tensor([[-1.0, 1.0], [3.0, 5.0], [-2.0, -2.0]]) / math.sqrt(44)
+    w = 0.8
+    got = A.popularity_group_advantage(s, groups, w)
+    assert torch.allclose(got, w * z + (1 - w) * b, atol=1e-6)
+    assert torch.allclose(A.compute_advantages("popularity_group", s, groups, w), got)
+    with pytest.raises(ValueError):
+        A.compute_advantages("nope", s)
+
+
+def test_popularity_groups_from_training_frequencies():
+    hist = [[1, 2], [2], [3], [1, 2, 3]]
+    tg = [2, 3, 4, 1]
+    freq = A.item_frequencies(hist, tg)
+    assert freq == {1: 3, 2: 4, 3: 3, 4: 1}
+    scores = A.popularity_scores(hist, freq)
+    assert scores.tolist() == [7.0, 4.0, 3.0, 10.0]
+    thr = A.popularity_thresholds(scores, 3)
+    assert torch.allclose(thr, torch.quantile(scores, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)))
+    assert A.popularity_groups(scores, thr).tolist() == [1, 0, 0, 2]
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+def test_first_sample_noise_free_and_noise_reused(setup):
+    root, data, ckpt = setup
+    model, tok, builder = load(ckpt)
+    G = 4
+    batch = a_batch(data, builder, tok)
+    noise = noise_for(model, 4, G)
+    assert torch.all(noise[:, 0] == 0) and torch.all(noise[:, 1:].abs().sum(-1) > 0)
+    ro = grpo.rollout(model, batch, noise, G)
+    # noise-free sample == the plain single-pass model
+    plain = model(batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
+    assert torch.allclose(ro.old_logprobs.view(4, G, -1)[:, 0] * batch["target_mask"], plain, atol=1e-5)
+    # rewards bound to samples by index: recompute each sample alone with its own noise
+    for p in (0, 2):
+        for k in (1, 3):
+            one = {key: v[p:p + 1] for key, v in batch.items()}
+            lp = model(one["prompt_ids"], one["prompt_mask"], one["target_ids"], one["target_mask"],
+                       noise=noise[p, k][None])
+            r = A.perplexity_reward(lp, one["target_mask"])
+            assert torch.allclose(r, ro.rewards[p, k:k + 1], rtol=1e-5)
+    # the loss pass uses the stored noise: at theta_old the ratio is 1 (kept and recomputed prompt pass)
+    ro.advantages = torch.ones(4 * G)
+    for keep in (True, False):
+        r2 = grpo.rollout(model, batch, noise, G, keep_prefix=keep)
+        r2.advantages = torch.ones(4 * G)
+        logp = grpo.sample_logprobs(model, model.prefill(batch["prompt_ids"], batch["prompt_mask"]), G,
+                                    r2.noise, batch["target_ids"])
+        ratio = torch.exp(logp - r2.old_logprobs)[r2.target_mask.bool()]
+        assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+        loss, st = grpo.policy_loss(model, r2, G, 0.2, 0.28)
+        assert st["clipped_tokens"] == 0
+        # with A = 1 and ratio = 1 the loss is -1 (token mean, then sequence mean)
+        assert abs(loss.item() + 1.0) < 1e-5
+
+
+def test_grouped_think_matches_model_think(setup):
+    root, data, _ = setup
+    ckpt = make_checkpoint(root / "two", data, num_latent=2)
+    model, tok, builder = load(ckpt)
+    G = 3
+    batch = a_batch(data, builder, tok, n=3)
+    noise = noise_for(model, 3, G).reshape(9, 2, -1)
+    ours = grpo.sample_logprobs(model, model.prefill(batch["prompt_ids"], batch["prompt_mask"]), G, noise,
+                                batch["target_ids"])
+    p = model.think(model.prefill(batch["prompt_ids"], batch["prompt_mask"]).repeat_interleave(G), noise)
+    ref = model.target_logprobs(p, batch["target_ids"].repeat_interleave(G, 0))
+    m = batch["target_mask"].repeat_interleave(G, 0).bool()
+    assert torch.allclose(ours[m], ref[m], atol=1e-5)
+
+
+def test_fork_prefix_leaves_original_intact(setup):
+    _, data, ckpt = setup
+    model, tok, builder = load(ckpt)
+    batch = a_batch(data, builder, tok)
+    with torch.no_grad():
+        pre = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+        keys = [layer.keys.clone() for layer in pre.cache.layers]
+        a = grpo.sample_logprobs(model, grpo.fork_prefix(pre), 2, noise_for(model, 4, 2).reshape(8, 1, -1),
+                                 batch["target_ids"])
+        b = grpo.sample_logprobs(model, grpo.fork_prefix(pre), 2, noise_for(model, 4, 2).reshape(8, 1, -1),
+                                 batch["target_ids"])
+    assert torch.equal(a, b)
+    assert all(torch.equal(k, layer.keys) for k, layer in zip(keys, pre.cache.layers))
+
+
+# ------------------------------------------------------------------------------------------ the step
+def _step(model, batch, noise, g, micro=None):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=g.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    mbs = micro or [batch]
+    return grpo.grpo_step(model, opt, sched, mbs, noise, g, _OneProcess())
+
+
+def _split(batch, size):
+    n = batch["prompt_ids"].shape[0]
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def test_micro_batch_invariance_and_only_latent_ratt_trains(setup):
+    _, data, ckpt = setup
+    g = GRPOConfig(num_generations=4, lr=0.05, advantage="batch")
+    results = []
+    for size in (4, 2, 1):
+        model, tok, builder = load(ckpt)
+        before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+        batch = a_batch(data, builder, tok)
+        # trim each micro-batch's padding the way the collator would (shapes differ, results may not)
+        micro = [collate(tokenize_samples(read_split(data / "train.csv")[i:i + size], builder),
+                         tok.pad_token_id) for i in range(0, 4, size)]
+        st = _step(model, batch, noise_for(model, 4, 4), g, micro)
+        for n, p in model.backbone.named_parameters():
+            assert p.grad is None and torch.equal(p, before[n]), n
+        results.append((st["advantages"], {n: p.detach().clone() for n, p in model.latent_ratt.named_parameters()}))
+    adv0, w0 = results[0]
+    assert not torch.allclose(w0["q_proj.weight"], load(ckpt)[0].latent_ratt.q_proj.weight)
+    for adv, w in results[1:]:
+        assert torch.allclose(adv, adv0, atol=1e-6)
+        for n in w0:
+            assert torch.allclose(w[n], w0[n], atol=1e-6), n
+
+
+def test_a_few_steps_raise_the_reward(setup):
+    _, data, ckpt = setup
+    torch.manual_seed(0)
+    model, tok, builder = load(ckpt)
+    batch = a_batch(data, builder, tok, n=8)
+    g = GRPOConfig(num_generations=8, noise_std=1.0, lr=3e-3, advantage="group", max_grad_norm=10.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=g.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    rewards = []
+    for step in range(12):
+        noise = grpo.draw_noise(1, step, 8, 8, 1, model.latent_ratt.hidden_size, g.noise_std)
+        st = grpo.grpo_step(model, opt, sched, _split(batch, 4), noise, g, _OneProcess())
+        rewards.append(st["reward_noise_free"])
+    assert rewards[-1] > rewards[0] + 0.05 * abs(rewards[0]), rewards
+
+
+def test_single_pass_step_matches_reference_step(setup):
+    bench = _load_bench()
+    _, data, ckpt = setup
+    G = 4
+    g = GRPOConfig(num_generations=G, noise_std=1.0)
+    grads = []
+    losses = []
+    for impl in ("ours", "reference"):
+        model, tok, builder = load(ckpt)
+        batch = a_batch(data, builder, tok)
+        noise = noise_for(model, 4, G)
+        if impl == "ours":
+            ro = grpo.rollout(model, batch, noise, G)
+            ro.advantages = A.compute_advantages("batch", ro.rewards).reshape(-1)
+            loss, _ = grpo.policy_loss(model, ro, G, g.clip_eps_low, g.clip_eps_high)
+        else:
+            loss = bench.reference_loss(model, batch, noise, G, g)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.latent_ratt.named_parameters()})
+    assert math.isclose(losses[0], losses[1], rel_tol=1e-4, abs_tol=1e-7)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-7), n
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_grpo", REPO / "benchmarks" / "bench_grpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+def _ratt(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "latent_ratt.safetensors"))
+
+
+def test_train_resume_matches_uninterrupted(setup):
+    root, data, ckpt = setup
+    full = grpo.train_grpo(make_config(root, data, ckpt, "full"))
+    assert (root / "full" / "last" / "latentr3.json").exists() and (full / "latentr3.json").exists()
+    cfg = make_config(root, data, ckpt, "halted", halt_after_steps=2)
+    grpo.train_grpo(cfg)
+    assert not (root / "halted" / "last").exists()
+    cfg.grpo.halt_after_steps = 0
+    grpo.train_grpo(cfg)
+    a, b = _ratt(root / "full" / "last"), _ratt(root / "halted" / "last")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert not torch.allclose(a["q_proj.weight"], _ratt(ckpt)["q_proj.weight"])
+    import json
+
+    recs = [json.loads(x) for x in (root / "full" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("reward_std", "reward_noise_free", "adv_mean", "adv_std", "adv_min", "adv_max",
+                "adv_zero_share", "clip_fraction", "grad_norm", "lr"):
+        assert key in steps[0]
+    # a reloaded GRPO checkpoint is a normal LatentR3 checkpoint
+    LatentR3Model.from_pretrained(root / "full" / "last")
+
+
+def test_train_popularity_rule_with_kl_and_recompute(setup):
+    root, data, ckpt = setup
+    cfg = make_config(root, data, ckpt, "pop", advantage="popularity_group", beta=0.1,
+                      prefix_cache="recompute", num_iterations=2, max_steps=2)
+    grpo.train_grpo(cfg)
+    import json
+
+    recs = [json.loads(x) for x in (root / "pop" / "metrics.jsonl").read_text().splitlines()]
+    assert "kl" in recs[-1] and math.isfinite(recs[-1]["loss"])
