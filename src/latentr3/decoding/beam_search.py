@@ -11,7 +11,8 @@ into a dict.  Here every step is a handful of tensor operations over all beams o
 * a candidate that takes the EOS edge reaches a leaf = a finished title; finished titles go to a
   per-user pool of the best `top_k`, the others become the next beams;
 * a user is finished when its pool is full and no live beam can still beat the pool's worst entry
-  (exact: scores only fall as a title grows, see `_upper_bound`), or when it has no live beam.
+  (exact: scores only fall as a title grows, see `_upper_bound`), or when it has no live beam; its
+  rows then leave the batch and the KV cache, so the remaining steps only run unfinished users.
 
 Scores are sum(log p) / length ** length_penalty, length = generated tokens including EOS
 (length_penalty 1 = BIGRec / the paper, 0 = plain sum as in D3).
@@ -41,13 +42,14 @@ def _normalise(sums: torch.Tensor, length: int | torch.Tensor, length_penalty: f
     return sums / (torch.as_tensor(length, dtype=sums.dtype, device=sums.device) ** length_penalty)
 
 
-def _upper_bound(sums: torch.Tensor, max_len: int, length_penalty: float) -> torch.Tensor:
-    """The best normalised score any completion of a live beam can reach.
+def _upper_bound(sums: torch.Tensor, max_final_len: torch.Tensor, length_penalty: float) -> torch.Tensor:
+    """The best normalised score any completion of a live beam can reach (exact, not a heuristic).
 
-    Log-probs are <= 0, so a beam's sum only falls; with a length penalty p > 0 the normalised score
-    (s + x) / L**p, x <= 0, L <= max_len, is at most s / max_len**p.
+    Log-probs are <= 0, so a beam's sum s only falls; with a length penalty p > 0 a completion scores
+    (s + x) / L**p with x <= 0 and L at most the deepest title below the beam's trie node, so at most
+    s / max_final_len**p.
     """
-    return _normalise(sums, max_len, length_penalty)
+    return _normalise(sums, max_final_len.to(sums.dtype), length_penalty)
 
 
 @torch.no_grad()
@@ -59,62 +61,66 @@ def constrained_beam_search(model: LatentR3Model, trie: ItemTrie, prompt_ids: to
     prefix = model.think(model.prefill(prompt_ids, prompt_mask))
     prefix.hidden = None  # not needed past the latents; don't copy it per beam
     prefix = prefix.repeat_interleave(K)
-    logits = prefix.last_logits                                            # (B*K, V')
+    logits = prefix.last_logits                                            # (U*K, V')
+    embed = model.backbone.get_input_embeddings()
+    leaf_depth = trie.subtree_max_depth                                    # (num_nodes,)
 
+    # Live users are compacted: rows of finished users leave the batch and the KV cache.
+    users = torch.arange(B, device=device)                                 # (U,) original index
     nodes = torch.zeros(B * K, dtype=torch.long, device=device)            # root
     sums = torch.full((B, K), NEG_INF, device=device)
     sums[:, 0] = 0.0                                                       # one live beam to start
     pool_scores = torch.full((B, top_k), NEG_INF, device=device)
     pool_titles = torch.full((B, top_k), -1, dtype=torch.long, device=device)
-    max_len = trie.max_depth
-    active_users = torch.ones(B, dtype=torch.bool, device=device)
 
-    for step in range(1, max_len + 1):
-        logp = torch.log_softmax(logits[:, :V].float(), dim=-1)             # (B*K, V)
+    for step in range(1, trie.max_depth + 1):
+        U = users.numel()
+        logp = torch.log_softmax(logits[:, :V].float(), dim=-1)             # (U*K, V)
         rows, tokens, _ = trie.edges(nodes)
-        cand = torch.full((B * K, V), NEG_INF, device=device)
+        cand = torch.full((U * K, V), NEG_INF, device=device)
         cand[rows, tokens] = sums.view(-1)[rows] + logp[rows, tokens]
-        cand[~active_users.repeat_interleave(K)] = NEG_INF
-        top_val, top_idx = cand.view(B, K * V).topk(min(2 * K, K * V), dim=1)  # (B, 2K)
-        beam = top_idx // V
+        top_val, top_idx = cand.view(U, K * V).topk(min(2 * K, K * V), dim=1)  # (U, 2K)
+        src = (top_idx // V + torch.arange(U, device=device)[:, None] * K)  # flat beam of each candidate
         token = top_idx % V
-        src = (beam + torch.arange(B, device=device)[:, None] * K).view(-1)
-        child = trie.child(nodes[src], token.view(-1)).view(B, -1)
+        child = trie.child(nodes[src.view(-1)], token.view(-1)).view(U, -1)
         alive = top_val > NEG_INF
-        leaf = trie.is_leaf(child.clamp(min=0).view(-1)).view(B, -1) & alive
+        leaf = trie.is_leaf(child.clamp(min=0).view(-1)).view(U, -1) & alive
 
-        # finished titles -> pool (best top_k per user)
+        # finished titles -> the user's pool of the best top_k
         fin_scores = torch.where(leaf, _normalise(top_val, step, length_penalty), NEG_INF)
         fin_titles = torch.where(leaf, trie.leaf_title_index[child.clamp(min=0)], -1)
-        merged_s = torch.cat([pool_scores, fin_scores], 1)
-        merged_t = torch.cat([pool_titles, fin_titles], 1)
-        pool_scores, order = merged_s.topk(top_k, dim=1)
-        pool_titles = merged_t.gather(1, order)
+        merged_s = torch.cat([pool_scores[users], fin_scores], 1)
+        merged_t = torch.cat([pool_titles[users], fin_titles], 1)
+        best_s, order = merged_s.topk(top_k, dim=1)
+        pool_scores[users] = best_s
+        pool_titles[users] = merged_t.gather(1, order)
 
         # unfinished candidates -> next beams
-        cont_val = torch.where(leaf | ~alive, NEG_INF, top_val)
-        sums, pick = cont_val.topk(K, dim=1)                               # (B, K)
-        pick_src = src.view(B, -1).gather(1, pick)                         # (B, K) flat beam index
-        nodes = torch.where(sums > NEG_INF, child.gather(1, pick), 0).view(-1)
-        next_tokens = torch.where(sums > NEG_INF, token.gather(1, pick), 0).view(-1, 1)
+        sums, pick = torch.where(leaf | ~alive, NEG_INF, top_val).topk(K, dim=1)   # (U, K)
+        live = sums > NEG_INF
+        next_nodes = torch.where(live, child.gather(1, pick), 0)
+        next_tokens = torch.where(live, token.gather(1, pick), 0)
+        pick_src = src.gather(1, pick)
 
-        # users whose pool can no longer change are done
-        best_live = sums.max(dim=1).values
-        pool_full = pool_scores[:, -1] > NEG_INF
-        can_improve = (best_live > NEG_INF) & (
-            ~pool_full | (_upper_bound(best_live, max_len, length_penalty) > pool_scores[:, -1]))
-        active_users &= can_improve
-        if not bool(active_users.any()):
+        # a user is done when its pool is full and no live beam can still enter it
+        bound = _upper_bound(sums, leaf_depth[next_nodes], length_penalty).masked_fill(~live, NEG_INF)
+        best_bound = bound.max(dim=1).values
+        pool_full = best_s[:, -1] > NEG_INF
+        keep = live.any(dim=1) & (~pool_full | (best_bound > best_s[:, -1]))
+        if not bool(keep.any()):
             break
-
-        prefix.cache.reorder_cache(pick_src.view(-1))
-        embeds = model.backbone.get_input_embeddings()(next_tokens)
-        prefix, step_logits = model.append(prefix, embeds, logits_to_keep=1, keep_hidden=False)
+        users, sums = users[keep], sums[keep]
+        nodes = next_nodes[keep].view(-1)
+        flat = pick_src[keep].view(-1)
+        prefix.cache.reorder_cache(flat)
+        prefix.attention_mask, prefix.positions = prefix.attention_mask[flat], prefix.positions[flat]
+        prefix, step_logits = model.append(prefix, embed(next_tokens[keep].view(-1, 1)), logits_to_keep=1,
+                                           keep_hidden=False)
         logits = step_logits[:, -1]
 
     titles, scores = [], []
     for b in range(B):
-        keep = pool_titles[b] >= 0
-        titles.append([trie.titles_unique[i] for i in pool_titles[b][keep].tolist()])
-        scores.append(pool_scores[b][keep].tolist())
+        found = pool_titles[b] >= 0
+        titles.append([trie.titles_unique[i] for i in pool_titles[b][found].tolist()])
+        scores.append(pool_scores[b][found].tolist())
     return BeamResult(titles, scores, pool_titles)

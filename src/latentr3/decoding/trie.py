@@ -310,6 +310,19 @@ class ItemTrie:
         found = valid & (self.edge_key[idx] == key)
         return torch.where(found, self.edge_child[idx], torch.full_like(key, -1))
 
+    @property
+    def subtree_max_depth(self) -> torch.Tensor:
+        """(num_nodes,) depth of the deepest leaf below each node: the longest completion it allows."""
+        cached = getattr(self, "_subtree_max_depth", None)
+        if cached is None or cached.device != self.depth.device:
+            node_depth = self.depth[self.incidence_node]
+            item_depth = torch.zeros(self.num_items, dtype=self.depth.dtype, device=self.depth.device)
+            item_depth = item_depth.scatter_reduce(0, self.incidence_item, node_depth, "amax")
+            cached = torch.zeros_like(self.depth).scatter_reduce(
+                0, self.incidence_node, item_depth[self.incidence_item], "amax")
+            self._subtree_max_depth = cached
+        return cached
+
     def is_leaf(self, nodes: torch.Tensor) -> torch.Tensor:
         """True where the node ends a title (the node after EOS)."""
         nodes = self._as_nodes(nodes).to(self.leaf_title_index.device)

@@ -93,7 +93,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
 def build_scheduler(optimizer, name: str, warmup: int, total: int):
+    """Linear warm-up over `warmup` steps, then `name` (linear | cosine | constant) until `total`."""
     from transformers import get_scheduler
 
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+    # transformers' "constant" ignores the warm-up; "constant_with_warmup" is what the config means.
+    return get_scheduler(SCHEDULERS[name], optimizer, num_warmup_steps=warmup,
+                         num_training_steps=max(total, 1))

@@ -41,8 +41,50 @@ def validation_loss(model, loader, accelerator) -> float:
     return (total[0] / total[1]).item()
 
 
+def check_sft_config(cfg: Config) -> None:
+    """Rejects values that would fail late (after loading data) or obscurely (division by zero)."""
+    from ..config import ConfigError
+    from ..data.prompts import resolve_template
+    from .common import SCHEDULERS
+
+    s = cfg.sft
+    problems = []
+    for key in ("micro_batch_size", "batch_size", "epochs", "save_steps", "log_steps"):
+        if getattr(s, key) < 1:
+            problems.append(f"sft.{key} must be >= 1, got {getattr(s, key)}")
+    if s.micro_batch_size >= 1 and s.batch_size % s.micro_batch_size:
+        problems.append(f"sft.batch_size {s.batch_size} is not a multiple of sft.micro_batch_size "
+                        f"{s.micro_batch_size}")
+    for key in ("max_steps", "warmup_steps", "eval_steps", "patience", "halt_after_steps"):
+        if getattr(s, key) < 0:
+            problems.append(f"sft.{key} must be >= 0, got {getattr(s, key)}")
+    if s.sample < -1:
+        problems.append(f"sft.sample must be -1 (all), 0 (no fine-tuning) or a row count, got {s.sample}")
+    if s.valid_sample == 0 or s.valid_sample < -1:
+        problems.append(f"sft.valid_sample must be -1 (all) or a positive row count, got {s.valid_sample}")
+    if not s.lr > 0:
+        problems.append(f"sft.lr must be > 0, got {s.lr}")
+    if s.weight_decay < 0:
+        problems.append(f"sft.weight_decay must be >= 0, got {s.weight_decay}")
+    if not s.max_grad_norm > 0:
+        problems.append(f"sft.max_grad_norm must be > 0, got {s.max_grad_norm}")
+    if s.scheduler not in SCHEDULERS:
+        problems.append(f"sft.scheduler must be one of {sorted(SCHEDULERS)}, got {s.scheduler!r}")
+    if cfg.model.num_latent < 0:
+        problems.append(f"model.num_latent must be >= 0, got {cfg.model.num_latent}")
+    if cfg.prompt.cutoff_len < 1:
+        problems.append(f"prompt.cutoff_len must be >= 1, got {cfg.prompt.cutoff_len}")
+    try:
+        resolve_template(cfg.prompt.template)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def train_sft(cfg: Config) -> Path:
     """Runs (or resumes) SFT; returns the directory of the best checkpoint."""
+    check_sft_config(cfg)
     s = cfg.sft
     out = Path(s.output_dir)
     best_dir = out / "best"

@@ -1,0 +1,212 @@
+"""RL samples/s of the single-pass latent GRPO step vs a reference-style step.
+
+Run (jemalloc for stable timings; `apt-get install -y libjemalloc2`):
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python benchmarks/bench_grpo.py
+
+Options: --prompts 16 --micro 4 --generations 8 --history 10 --rounds 3 --threads 0 (0 = torch default)
+--device cpu|cuda --hidden 128 --layers 2.
+
+The reference step follows the authors' design: every prompt is repeated G times and run in full for
+each of (1) the latent, (2) the old log-probs / rewards, (3) the latent again with grad and (4) the loss
+over prompt + latent + target.  Ours (`latentr3.training.grpo.grpo_step`) runs each prompt once, shares
+its KV cache with the G samples, and runs only latent + target tokens per sample.  Both are full
+optimizer steps on the same batch and noise; the variants are interleaved round by round.
+
+`reference_loss` is also the executable specification the tests compare our loss and gradients to.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from latentr3.config import GRPOConfig
+from latentr3.model.latent_lm import gather_logprobs, positions_from_mask
+from latentr3.training.advantages import compute_advantages, perplexity_reward
+
+
+# ------------------------------------------------------------------------------- reference-style step
+def _expand(batch: dict, G: int) -> dict:
+    return {k: v.repeat_interleave(G, dim=0) for k, v in batch.items() if k != "index"}
+
+
+def reference_latents(model, prompt_ids, prompt_mask, noise):
+    """Full forward(s) over the prompt (and earlier latents) -> prompt + noisy latent embeddings."""
+    emb = model.backbone.get_input_embeddings()
+    seq, mask = emb(prompt_ids), prompt_mask
+    for i in range(model.num_latent):
+        pos = positions_from_mask(mask)
+        out = model.backbone(inputs_embeds=seq, attention_mask=mask, position_ids=pos,
+                             output_hidden_states=True, use_cache=False)
+        h = out.hidden_states[-1]
+        r = model.latent_ratt(h, pos, mask.bool(), h[:, -1], pos[:, -1]) + noise[:, i]
+        seq = torch.cat([seq, r[:, None].to(seq.dtype)], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    return seq, mask
+
+
+def reference_logprobs(model, seq, mask, target_ids, target_mask):
+    """Full forward over prompt + latents + target -> per-token target log-probs (pads zeroed)."""
+    emb = model.backbone.get_input_embeddings()
+    L = seq.shape[1]
+    full = torch.cat([seq, emb(target_ids)], 1)
+    full_mask = torch.cat([mask, target_mask], 1)
+    out = model.backbone(inputs_embeds=full, attention_mask=full_mask,
+                         position_ids=positions_from_mask(full_mask), use_cache=False)
+    logits = out.logits[:, L - 1: L - 1 + target_ids.shape[1]]
+    return gather_logprobs(logits, target_ids) * target_mask
+
+
+def reference_rollout(model, batch, noise, G):
+    """(expanded batch, old log-probs, rewards (P, G)) with two full forwards per sample."""
+    x = _expand(batch, G)
+    noise = noise.reshape(-1, *noise.shape[-2:])
+    with torch.no_grad():
+        seq, mask = reference_latents(model, x["prompt_ids"], x["prompt_mask"], noise)
+        old = reference_logprobs(model, seq, mask, x["target_ids"], x["target_mask"])
+    return x, noise, old, perplexity_reward(old, x["target_mask"]).view(-1, G)
+
+
+def reference_policy_loss(model, x, noise, old, adv, g: GRPOConfig):
+    seq, mask = reference_latents(model, x["prompt_ids"], x["prompt_mask"], noise)
+    logp = reference_logprobs(model, seq, mask, x["target_ids"], x["target_mask"])
+    tm = x["target_mask"].to(logp.dtype)
+    ratio = torch.exp(logp - old)
+    a = adv[:, None]
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1 - g.clip_eps_low, 1 + g.clip_eps_high) * a)
+    return ((per_token * tm).sum(-1) / tm.sum(-1).clamp(min=1)).mean()
+
+
+def reference_loss(model, batch, noise, G, g: GRPOConfig):
+    """Loss of one micro-batch that is the whole batch (advantages on it alone)."""
+    x, noise, old, rewards = reference_rollout(model, batch, noise, G)
+    adv = compute_advantages(g.advantage, rewards).reshape(-1)
+    return reference_policy_loss(model, x, noise, old, adv, g)
+
+
+def reference_step(model, optimizer, micro_batches, noise, g: GRPOConfig):
+    G = g.num_generations
+    params = [p for p in model.parameters() if p.requires_grad]
+    ros, k = [], 0
+    for mb in micro_batches:
+        P = mb["prompt_ids"].shape[0]
+        ros.append(reference_rollout(model, mb, noise[k:k + P], G))
+        k += P
+    adv = compute_advantages(g.advantage, torch.cat([r[3] for r in ros]))
+    k = 0
+    for x, nz, old, rw in ros:
+        P = rw.shape[0]
+        loss = reference_policy_loss(model, x, nz, old, adv[k:k + P].reshape(-1), g)
+        (loss / len(ros)).backward()
+        k += P
+    torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------- benchmark
+def _words(rng, n):
+    syll = ["ka", "lo", "mi", "ne", "ru", "ta", "vi", "so", "da", "pe", "gu", "ch", "ar", "el", "on", "is",
+            "be", "zo", "fi", "qu", "ma", "re", "tu", "xa", "ly", "om", "st", "wi", "ho", "ne"]
+    return [" ".join("".join(rng.choice(syll) for _ in range(rng.randint(2, 4))).capitalize()
+                     for _ in range(rng.randint(1, 4))) for _ in range(n)]
+
+
+class _OneProcess:
+    num_processes, process_index = 1, 0
+
+    def gather(self, t):
+        return t
+
+    def reduce(self, t, reduction="sum"):
+        return t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--history", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from latentr3.data.dataset import collate
+    from latentr3.data.prompts import PromptBuilder
+    from latentr3.model.backbones import add_latent_token, tiny_qwen2, tiny_tokenizer_corpus, train_tiny_tokenizer
+    from latentr3.model.latent_lm import LatentR3Model
+    from latentr3.training import grpo
+
+    rng = random.Random(0)
+    titles = _words(rng, 3000)
+    tok = train_tiny_tokenizer(tiny_tokenizer_corpus(titles, "music albums"), 4096)
+    dtype = getattr(torch, args.dtype)
+    backbone = tiny_qwen2(len(tok), hidden=args.hidden, layers=args.layers, heads=4).to(dtype)
+    latent_id = add_latent_token(backbone, tok)
+    model = LatentR3Model(backbone, latent_id, 1).to(args.device).eval()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    builder = PromptBuilder(tok, "paper", "music albums", 512, 1)
+    ex = []
+    from latentr3.data.dataset import Example
+
+    for i in range(args.prompts):
+        hist = rng.sample(titles, args.history)
+        ex.append(Example(*builder.example(hist, rng.choice(titles)), i))
+    micro = []
+    for i in range(0, args.prompts, args.micro):
+        b = collate(ex[i:i + args.micro], tok.pad_token_id)
+        micro.append({k: v.to(args.device) for k, v in b.items()})
+    G = args.generations
+    g = GRPOConfig(num_generations=G, noise_std=1.5, batch_size=args.prompts, micro_batch_size=args.micro)
+    noise = grpo.draw_noise(0, 0, args.prompts, G, 1, args.hidden, g.noise_std).to(args.device)
+    opt = torch.optim.AdamW(model.latent_ratt.parameters(), lr=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    lp = [len(e.prompt) for e in ex]
+    lt = [len(e.target) for e in ex]
+    print(f"device {args.device} {args.dtype}, threads {torch.get_num_threads()}; tiny Qwen2 hidden "
+          f"{args.hidden} x {args.layers} layers, vocab {len(tok)}; paper template; {args.prompts} prompts "
+          f"(micro {args.micro}) x {G} samples; prompt tokens {statistics.mean(lp):.0f} (max {max(lp)}), "
+          f"target tokens {statistics.mean(lt):.1f}")
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    variants = {
+        "reference (4 full forwards)": lambda: reference_step(model, opt, micro, noise, g),
+        "ours, prefix_cache=keep": lambda: grpo.grpo_step(model, opt, sched, micro, noise, g, _OneProcess()),
+        "ours, prefix_cache=recompute": lambda: grpo.grpo_step(
+            model, opt, sched, micro, noise, GRPOConfig(**{**g.__dict__, "prefix_cache": "recompute"}),
+            _OneProcess()),
+    }
+    times = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    samples = args.prompts * G
+    ref = statistics.median(times["reference (4 full forwards)"])
+    print(f"\n{'step':32s} {'median s/step':>14s} {'samples/s':>10s} {'speed-up':>9s}")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"{name:32s} {m:14.3f} {samples / m:10.1f} {ref / m:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
