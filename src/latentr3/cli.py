@@ -34,6 +34,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_recommend(args) -> int:
+    from .recommend import Recommender, UnknownItemError
+
+    rec = Recommender.from_pretrained(args.model, catalogue=args.catalogue, num_beams=args.num_beams)
+    history = [int(h) if args.ids else h for h in args.history]
+    try:
+        (recs,) = rec.recommend([history], k=args.k, allow_free_text=args.allow_free_text)
+    except UnknownItemError as e:
+        print(f"latentr3 recommend: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.__dict__ for r in recs], ensure_ascii=False, indent=2))
+    else:
+        for rank, r in enumerate(recs, 1):
+            print(f"{rank:>3}. {r.title}  (score {r.score:.4f}, item ids {r.item_ids})")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     if args.source == "movielens":
         from .data.movielens import ensure_movielens
@@ -72,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                      cmd_eval)
     sp.add_argument("--model", help="checkpoint directory (same as eval.model=...)")
     sp.add_argument("--split", help="split to evaluate: train/valid/test or a file stem (eval.split)")
+    sp = sub.add_parser("recommend", help="recommend catalogue titles for one history",
+                        description="recommend catalogue titles for one history")
+    sp.add_argument("--model", required=True, help="checkpoint directory")
+    sp.add_argument("--history", nargs="+", required=True, help="history titles, oldest first")
+    sp.add_argument("-k", type=int, default=10, help="number of titles (default 10)")
+    sp.add_argument("--ids", action="store_true", help="--history gives item ids instead of titles")
+    sp.add_argument("--allow-free-text", action="store_true", help="accept titles not in the catalogue")
+    sp.add_argument("--catalogue", help="catalogue file (default: the checkpoint's copy)")
+    sp.add_argument("--num-beams", type=int, default=10)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(fn=cmd_recommend)
     with_config("config", "print the resolved config (defaults + file + overrides)", cmd_config)
     sp = sub.add_parser("prepare", help="turn a raw dataset into split files",
                         description="turn a raw dataset into split files")

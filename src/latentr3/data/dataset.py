@@ -28,6 +28,16 @@ def load_catalogue(cfg: DataConfig) -> Catalogue:
     return read_catalogue(data_dir(cfg) / cfg.catalogue, cfg.catalogue_format)
 
 
+CHECKPOINT_CATALOGUE = "catalogue.txt"
+
+
+def save_catalogue_copy(ckpt_dir: str | Path, catalogue: Catalogue) -> None:
+    """A checkpoint carries its catalogue, so it can recommend without the data directory."""
+    from .splits import write_catalogue
+
+    write_catalogue(Path(ckpt_dir) / CHECKPOINT_CATALOGUE, catalogue.ids, catalogue.titles)
+
+
 def split_path(cfg: DataConfig, name: str) -> Path:
     """A split by role ("train"/"valid"/"test", mapped through the config) or by file stem."""
     stem = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}.get(name, name)

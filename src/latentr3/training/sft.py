@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, save_config
-from ..data.dataset import collate, load_catalogue, load_split, subsample, tokenize_samples
+from ..data.dataset import (collate, load_catalogue, load_split, save_catalogue_copy, subsample,
+                            tokenize_samples)
 from ..data.prompts import PromptBuilder
 from ..model.build import build_model
 from .common import EpochShuffleSampler, MetricsLog, RunState, build_scheduler, make_accelerator
@@ -123,6 +124,7 @@ def train_sft(cfg: Config) -> Path:
     if s.sample == 0:  # the paper's "0 rows" point: the model before any fine-tuning
         if accelerator.is_main_process:
             model.save_pretrained(best_dir, tokenizer, meta)
+            save_catalogue_copy(best_dir, catalogue)
             (out / "done.json").write_text(json.dumps({"train_rows": 0}))
         return best_dir
 
@@ -159,6 +161,7 @@ def train_sft(cfg: Config) -> Path:
             state.best, state.bad_evals = val, 0
             if accelerator.is_main_process:
                 accelerator.unwrap_model(model).save_pretrained(best_dir, tokenizer, meta)
+                save_catalogue_copy(best_dir, catalogue)
         else:
             state.bad_evals += 1
         log.write(step=state.step, epoch=state.epoch, valid_loss=val, best=state.best)
