@@ -22,6 +22,21 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(_config(args))
+    return 0
+
+
+def cmd_grpo(args) -> int:
+    from .training.grpo import train_grpo
+
+    best = train_grpo(_config(args))
+    print(f"best checkpoint: {best}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluation.evaluate import run_eval
 
@@ -85,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    with_config("run", "the whole pipeline: data -> SFT -> GRPO -> test evaluation -> results table", cmd_run)
     with_config("sft", "stage 1: supervised fine-tuning of backbone + LatentRATT", cmd_sft)
+    with_config("grpo", "stage 2: latent GRPO on an SFT checkpoint (grpo.init=<dir>)", cmd_grpo)
     sp = with_config("eval", "recommend for a split with constrained beam search and report HR@K / NDCG@K",
                      cmd_eval)
     sp.add_argument("--model", help="checkpoint directory (same as eval.model=...)")

@@ -194,6 +194,20 @@ class GRPOConfig:
 
 
 @dataclass
+class RunConfig:
+    """`latentr3 run`: prepare data -> SFT -> GRPO -> test evaluation -> comparison table."""
+
+    # Run directory; every stage writes into its own sub-directory and is skipped once complete.
+    output_dir: str = "runs/demo"
+    # Also fine-tune the same backbone without any latent token (the paper's "w/o reasoning" row).
+    no_latent_baseline: bool = True
+    # Run stage 2 (latent GRPO) on the latent SFT checkpoint.
+    grpo: bool = True
+    # Write PNG plots (needs matplotlib).
+    plots: bool = True
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +215,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 class ConfigError(ValueError):
