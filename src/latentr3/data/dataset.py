@@ -64,7 +64,8 @@ class Example:
 
 
 def tokenize_samples(samples: list[Sample], builder: PromptBuilder) -> list[Example]:
-    return [Example(*builder.example(s.history_titles, s.target_title), i) for i, s in enumerate(samples)]
+    pairs = builder.examples([(s.history_titles, s.target_title) for s in samples])
+    return [Example(p, t, i) for i, (p, t) in enumerate(pairs)]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -85,3 +85,17 @@ class PromptBuilder:
         target = self.target_ids(target_title)
         prompt = self.prompt_ids(history_titles, reserve=len(target) + self.num_latent)
         return prompt, target
+
+    def examples(self, pairs: list[tuple[list[str], str]]) -> list[tuple[list[int], list[int]]]:
+        """`example` for many (history, target) pairs: one batched tokenizer call (the Rust tokenizer
+        works through a batch in parallel, ~10x faster than a call per row); only the rare prompts that
+        exceed cutoff_len go through the one-by-one truncation."""
+        targets = [self.target_ids(t) for _, t in pairs]
+        texts = [self.prompt_text(h) for h, _ in pairs]
+        prompts = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        out = []
+        for (history, _), prompt, target in zip(pairs, prompts, targets):
+            if len(prompt) + len(target) + self.num_latent > self.cutoff_len:
+                prompt = self.prompt_ids(history, reserve=len(target) + self.num_latent)
+            out.append((list(prompt), target))
+        return out
