@@ -67,16 +67,6 @@ def cmd_recommend(args) -> int:
     return 0
 
 
-def cmd_prepare(args) -> int:
-    if args.source == "movielens":
-        from .data.movielens import ensure_movielens
-
-        out = ensure_movielens(args.out)
-        print(f"MovieLens-100K splits in {out}")
-        print((out / "stats.json").read_text())
-    return 0
-
-
 def cmd_config(args) -> int:
     import yaml
 
@@ -119,11 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(fn=cmd_recommend)
     with_config("config", "print the resolved config (defaults + file + overrides)", cmd_config)
-    sp = sub.add_parser("prepare", help="turn a raw dataset into split files",
-                        description="turn a raw dataset into split files")
-    sp.add_argument("source", choices=["movielens"], help="movielens: the embedded MovieLens-100K")
-    sp.add_argument("--out", default=None, help="output directory (default: the latentr3 cache)")
-    sp.set_defaults(fn=cmd_prepare)
+    from .data.prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
     return p
 
 
