@@ -268,20 +268,24 @@ def test_micro_batch_invariance_and_only_latent_ratt_trains(setup):
 
 
 def test_a_few_steps_raise_the_reward(setup):
+    # A random tiny backbone barely depends on the latent, so the gain is small but systematic; noise of
+    # the latent's own scale (0.1 per dimension) and Adam at 3e-3 improve it steadily for ~6 steps.
     _, data, ckpt = setup
     torch.manual_seed(0)
     model, tok, builder = load(ckpt)
     batch = a_batch(data, builder, tok, n=8)
-    g = GRPOConfig(num_generations=8, noise_std=1.0, lr=3e-3, advantage="group", max_grad_norm=10.0)
+    g = GRPOConfig(num_generations=8, noise_std=0.1, lr=3e-3, advantage="batch", max_grad_norm=10.0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=g.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    rewards = []
-    for step in range(12):
+    nf, mean = [], []
+    for step in range(5):
         noise = grpo.draw_noise(1, step, 8, 8, 1, model.latent_ratt.hidden_size, g.noise_std)
         st = grpo.grpo_step(model, opt, sched, _split(batch, 4), noise, g, _OneProcess())
-        rewards.append(st["reward_noise_free"])
-    assert rewards[-1] > rewards[0] + 0.05 * abs(rewards[0]), rewards
+        nf.append(st["reward_noise_free"])
+        mean.append(st["reward_mean"])
+    assert all(b > a for a, b in zip(nf, nf[1:])), nf
+    assert nf[-1] > nf[0] + 2.0 and mean[-1] > mean[0] + 2.0, (nf, mean)
 
 
 def test_single_pass_step_matches_reference_step(setup):
@@ -356,4 +360,13 @@ def test_train_popularity_rule_with_kl_and_recompute(setup):
     import json
 
     recs = [json.loads(x) for x in (root / "pop" / "metrics.jsonl").read_text().splitlines()]
-    assert "kl" in recs[-1] and math.isfinite(recs[-1]["loss"])
+    steps = [r for r in recs if "reward_mean" in r]
+    assert len(steps) == 2 and "kl" in steps[-1] and math.isfinite(steps[-1]["loss"])
+    assert any("valid_ndcg10" in r for r in recs) or importlib.util.find_spec("latentr3.evaluation.evaluate") is None
+
+
+def test_train_with_lora_reloads(setup):
+    root, data, ckpt = setup
+    grpo.train_grpo(make_config(root, data, ckpt, "lora", lora=True, max_steps=1))
+    model, _, meta = LatentR3Model.from_pretrained(root / "lora" / "last")
+    assert meta["lora"] and hasattr(model.backbone, "peft_config")

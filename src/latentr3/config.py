@@ -33,6 +33,11 @@ class DataConfig:
     catalogue_format: str = "auto"
     # Plural noun for the items in the prompt ("movies", "music albums", "video games").
     item_noun: str = "movies"
+    # When > 0, the last `valid_holdout` fraction of the train split (files are sorted by target time)
+    # becomes the validation split for early stopping and model selection, and is not trained on.
+    # For releases without a train split (CDs: train on valid.csv), so that validation is not on
+    # training rows.
+    valid_holdout: float = 0.0
 
 
 @dataclass

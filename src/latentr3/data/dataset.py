@@ -48,6 +48,17 @@ def load_split(cfg: DataConfig, name: str, catalogue: Catalogue | None = None) -
     return read_split(split_path(cfg, name), catalogue)
 
 
+def train_and_valid(cfg: DataConfig, catalogue: Catalogue) -> tuple[list[Sample], list[Sample]]:
+    """The rows to train on and the rows to validate on (see DataConfig.valid_holdout)."""
+    train = load_split(cfg, "train", catalogue)
+    if cfg.valid_holdout <= 0:
+        return train, load_split(cfg, "valid", catalogue)
+    if not 0 < cfg.valid_holdout < 1:
+        raise ValueError(f"data.valid_holdout must be in [0, 1), got {cfg.valid_holdout}")
+    cut = len(train) - max(1, round(len(train) * cfg.valid_holdout))
+    return train[:cut], train[cut:]
+
+
 def subsample(rows: list, n: int, seed: int) -> list:
     """A seeded subset of n rows in their original order (n < 0 or n >= len: all rows)."""
     if n < 0 or n >= len(rows):

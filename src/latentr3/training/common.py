@@ -32,7 +32,9 @@ def make_accelerator(batch_size: int, micro_batch_size: int, mixed_precision: st
     from accelerate import Accelerator
     from accelerate.state import PartialState
 
-    world = PartialState().num_processes
+    # On a CPU-only machine accelerate sets up the gloo group for several processes (torchrun) only
+    # when asked for the CPU explicitly.
+    world = PartialState(cpu=not torch.cuda.is_available()).num_processes
     per_step = micro_batch_size * world
     if batch_size % per_step:
         raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size x processes "

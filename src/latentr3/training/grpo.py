@@ -41,7 +41,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -328,7 +328,8 @@ def train_grpo(cfg: Config) -> Path:
     """
     from accelerate.utils import set_seed
 
-    from ..data.dataset import collate, load_catalogue, load_split, subsample, tokenize_samples
+    from ..data.dataset import (collate, load_catalogue, save_catalogue_copy, subsample, tokenize_samples,
+                                train_and_valid)
     from ..data.prompts import PromptBuilder
     from ..model.build import resolve_dtype
 
@@ -375,7 +376,7 @@ def train_grpo(cfg: Config) -> Path:
 
     # --- data
     catalogue = load_catalogue(cfg.data)
-    all_train = load_split(cfg.data, "train", catalogue)
+    all_train, all_valid = train_and_valid(cfg.data, catalogue)
     train_rows = subsample(all_train, g.sample, g.seed)
     train_set = tokenize_samples(train_rows, builder)
     groups_all = None
@@ -412,7 +413,7 @@ def train_grpo(cfg: Config) -> Path:
     def evaluate_and_keep_best() -> None:
         nonlocal valid_rows
         if valid_rows is None:
-            valid_rows = subsample(load_split(cfg.data, "valid", catalogue), g.eval_sample, g.seed)
+            valid_rows = subsample(all_valid, g.eval_sample, g.seed)
         ndcg = _validate(model, tokenizer, builder, valid_rows, catalogue, cfg, accelerator)
         if ndcg is None:
             accelerator.print("evaluator unavailable: no validation, the last checkpoint is the best")
@@ -422,6 +423,7 @@ def train_grpo(cfg: Config) -> Path:
             if accelerator.is_main_process:
                 model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step,
                                                             "valid_ndcg10": ndcg})
+                save_catalogue_copy(best_dir, catalogue)
         else:
             state.bad_evals += 1
         log.write(step=state.step, valid_ndcg10=ndcg, best_ndcg10=-state.best)
@@ -477,8 +479,10 @@ def train_grpo(cfg: Config) -> Path:
     state.elapsed += time.time() - start
     if accelerator.is_main_process:
         model.save_pretrained(last_dir, tokenizer, {**save_meta, "grpo_step": state.step})
+        save_catalogue_copy(last_dir, catalogue)
         if not (best_dir / "latentr3.json").exists():
             model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step})
+            save_catalogue_copy(best_dir, catalogue)
         summary = {"steps": state.step, "epochs": state.epoch, "train_rows": len(train_set),
                    "best_valid_ndcg10": None if math.isinf(state.best) else -state.best,
                    "train_seconds": state.elapsed, "processes": world}

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, save_config
-from ..data.dataset import (collate, load_catalogue, load_split, save_catalogue_copy, subsample,
-                            tokenize_samples)
+from ..data.dataset import (collate, load_catalogue, save_catalogue_copy, subsample, tokenize_samples,
+                            train_and_valid)
 from ..data.prompts import PromptBuilder
 from ..model.build import build_model
 from .common import EpochShuffleSampler, MetricsLog, RunState, build_scheduler, make_accelerator
@@ -103,8 +103,9 @@ def train_sft(cfg: Config) -> Path:
 
     # --- data
     catalogue = load_catalogue(cfg.data)
-    train_rows = subsample(load_split(cfg.data, "train", catalogue), s.sample, s.seed)
-    valid_rows = subsample(load_split(cfg.data, "valid", catalogue), s.valid_sample, s.seed)
+    all_train, all_valid = train_and_valid(cfg.data, catalogue)
+    train_rows = subsample(all_train, s.sample, s.seed)
+    valid_rows = subsample(all_valid, s.valid_sample, s.seed)
 
     # --- model (a resumed tiny backbone reuses the tokenizer saved at the start)
     tok_dir = out / "tokenizer"
