@@ -42,12 +42,13 @@ def tok(base_tokenizer):
     return t
 
 
-def examples(tok, titles, num_latent, ks=(1, 4, 8)):
+def examples(tok, titles, num_latent, ks=(1, 4, 8), check=True):
     """(prompt, target) id lists whose prompts and targets all differ in length."""
     b = PromptBuilder(tok, "short", "movies", 512, num_latent)
     out = [b.example(titles[:k], titles[k]) for k in ks]
-    assert len({len(p) for p, _ in out}) == len(out)
-    assert len({len(t) for _, t in out}) > 1
+    if check:
+        assert len({len(p) for p, _ in out}) == len(out)
+        assert len({len(t) for _, t in out}) > 1
     return out
 
 
@@ -246,7 +247,7 @@ def test_prompt_truncation_drops_oldest_titles(tok, titles):
 # ----------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("lora", [False, True])
 def test_checkpoint_round_trip(tmp_path, titles, tok, lora):
-    cfg = ModelConfig(backbone="tiny", tiny_hidden=HIDDEN, tiny_layers=1, tiny_heads=2, tiny_vocab=300,
+    cfg = ModelConfig(backbone="tiny", tiny_hidden=HIDDEN, tiny_layers=1, tiny_heads=2, tiny_vocab=500,
                       num_latent=1, lora=lora)
     model, tk = build_model(cfg, titles, "movies")
     # Move every trainable weight away from its initialisation (LoRA B starts at zero).
@@ -258,7 +259,7 @@ def test_checkpoint_round_trip(tmp_path, titles, tok, lora):
     if lora:
         assert any("lora_B" in n for n, p in model.named_parameters() if p.requires_grad)
     model.eval()
-    exs = examples(tk, titles, 1, ks=(1, 3, 6))
+    exs = examples(tk, titles, 1, ks=(1, 3, 6), check=False)
     pi, pm, ti, tm = batch(exs, tk.pad_token_id)
     with torch.no_grad():
         ref = model(pi, pm, ti, tm)
@@ -267,7 +268,9 @@ def test_checkpoint_round_trip(tmp_path, titles, tok, lora):
     loaded.eval()
     assert meta["lora"] is lora and meta["note"] == "x" and meta["num_latent"] == 1
     assert loaded.latent_token_id == model.latent_token_id == tk2.convert_tokens_to_ids(LATENT_TOKEN)
-    assert tk2("Heat (1995)")["input_ids"] == tk("Heat (1995)")["input_ids"]
+    # The reloaded tokenizer splits text exactly as the one trained with (digits included).
+    b1, b2 = PromptBuilder(tk, "paper", "movies", 512, 1), PromptBuilder(tk2, "paper", "movies", 512, 1)
+    assert b2.example(titles, titles[0]) == b1.example(titles, titles[0])
     assert tk2.added_tokens_decoder[loaded.latent_token_id].special  # still special after reload
     with torch.no_grad():
         out = loaded(pi, pm, ti, tm)
