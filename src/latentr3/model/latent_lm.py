@@ -238,14 +238,14 @@ class LatentR3Model(nn.Module):
                         device: str | torch.device = "cpu"):
         """Loads a checkpoint written by `save_pretrained`; returns (model, tokenizer, meta)."""
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         ckpt = Path(ckpt_dir)
         meta_path = ckpt / CONFIG_NAME
         if not meta_path.exists():
             raise FileNotFoundError(f"{ckpt} is not a latentr3 checkpoint: {CONFIG_NAME} is missing")
         meta = json.loads(meta_path.read_text())
-        tok = AutoTokenizer.from_pretrained(ckpt / "backbone")
+        tok = load_tokenizer(ckpt / "backbone")
         if meta.get("lora"):
             from peft import PeftModel
 
@@ -259,6 +259,22 @@ class LatentR3Model(nn.Module):
         model = cls(backbone, meta["latent_token_id"], meta["num_latent"], meta["latent_rope_base"])
         model.latent_ratt.load_state_dict(load_file(str(ckpt / RATT_NAME)))
         return model.to(device), tok, meta
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in `directory`, as the class it was saved as.
+
+    AutoTokenizer picks the class from the model config next to it (Qwen2Tokenizer for the tiny Qwen2
+    backbone), and that class rebuilds its own pre-tokenizer instead of the saved tokenizer.json's: the
+    dataset-trained tiny tokenizer would then split text differently (digits one by one) than in training.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = Path(directory) / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if tok_cfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def _is_peft(model) -> bool:
