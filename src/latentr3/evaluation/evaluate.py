@@ -79,7 +79,7 @@ def evaluate_samples(model: LatentR3Model, tokenizer, builder: PromptBuilder, sa
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo group under torchrun
     was_training = model.training
     model.eval()
     trie = trie or build_trie(catalogue, builder, output_vocab_size(model))
@@ -126,7 +126,7 @@ def run_eval(cfg: Config) -> dict:
     e = cfg.eval
     if not e.model:
         raise ValueError("eval.model (--model) must name a checkpoint directory")
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo group under torchrun
     device = state.device
     model, tokenizer, meta = LatentR3Model.from_pretrained(e.model, resolve_dtype(e.dtype, device), device)
     builder = builder_for_checkpoint(tokenizer, meta, model.num_latent)
