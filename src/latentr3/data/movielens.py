@@ -8,8 +8,11 @@ Processing, the same as the paper's Amazon splits:
 * each user's interactions sorted by timestamp (ties keep the file order);
 * every interaction after a user's first is one sample whose history is the previous
   ``<= max_history`` items;
-* all samples sorted by target timestamp (stable) and cut into train / valid / test
-  (``floor(0.8 n)``, ``floor(0.1 n)``, the rest).
+* all samples sorted by target timestamp (stable) and cut into train / valid / test at
+  ``floor(0.8 n)`` and ``floor(0.9 n)``.
+
+The filtering, sequence building and writing are those of every other source
+(:mod:`latentr3.data.sequences`); MovieLens has no time window and no title rules.
 
 Kept items are renumbered ``0..n_items-1`` in the order of their original (numeric) id.  Titles are
 ``"{movie_title} ({release_year})"``, so that distinct movies keep distinct titles as far as possible.
@@ -20,16 +23,12 @@ recbole is only used as a file source: its modules are never imported.
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 import os
 import re
-from collections import Counter
-from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-from latentr3.data.splits import _atomic_write_text, write_catalogue, write_split
+from latentr3.data.sequences import InteractionLog, select_core, split_bounds, write_dataset
 
 __all__ = [
     "RECBOLE_INSTALL_HINT",
@@ -130,14 +129,9 @@ def _number(text: str) -> int | float:
 
 
 def _split_sizes(n: int, split: Sequence[float]) -> tuple[int, int, int]:
-    if len(split) != 3 or any(f < 0 for f in split):
-        raise ValueError(f"split must be three non-negative fractions, got {split!r}")
-    fractions = [Fraction(str(f)) for f in split]  # exact decimal: floor(0.8 * n) without float error
-    if abs(sum(fractions) - 1) > Fraction(1, 10**9):
-        raise ValueError(f"split fractions must sum to 1, got {split!r}")
-    n_train = math.floor(fractions[0] * n)
-    n_valid = math.floor(fractions[1] * n)
-    return n_train, n_valid, n - n_train - n_valid
+    """Sizes of train / valid / test for ``n`` samples (cuts at ``floor(f0 n)``, ``floor((f0+f1) n)``)."""
+    a, b = split_bounds(n, split)
+    return a, b - a, n - b
 
 
 def prepare_movielens(
@@ -167,114 +161,46 @@ def prepare_movielens(
         if not _YEAR.match(year.strip()):
             no_year.append(item)
 
-    # ---- interactions, in file order
+    # ---- interactions, in file order; users interned in the order of their (numeric) id
     inter_cols, inter_rows, _ = _read_atomic_table(inter_path, ("user_id", "item_id", "rating", "timestamp"))
     iu, ii, ir, it = (inter_cols[c] for c in ("user_id", "item_id", "rating", "timestamp"))
-    interactions = [
-        (fields[iu], fields[ii], float(fields[ir]), _number(fields[it])) for fields in inter_rows
-    ]  # (user, item, rating, timestamp); list position = file order
-    unknown = sorted({item for _, item, _, _ in interactions if item not in raw_title}, key=_id_key)
+    unknown = sorted({fields[ii] for fields in inter_rows if fields[ii] not in raw_title}, key=_id_key)
     if unknown:
         raise ValueError(f"{inter_path}: item ids without a row in {item_path}: {unknown[:10]}")
-    n_raw = len(interactions)
-    raw_users = len({u for u, _, _, _ in interactions})
-    raw_items = len({i for _, i, _, _ in interactions})
+    log = InteractionLog(time_scale=1)
+    for user in sorted({fields[iu] for fields in inter_rows}, key=_id_key):
+        log.intern_user(user)
+    for line_no, fields in enumerate(inter_rows, start=2):
+        try:
+            rating, stamp = float(fields[ir]), float(fields[it])
+        except ValueError:
+            raise ValueError(f"{inter_path} line {line_no}: rating or timestamp is not a number") from None
+        log.add(fields[iu], log.intern_item(fields[ii]), stamp, rating)
+    n_raw = len(log)
+    raw_users = len(log.user_keys)
+    raw_items = len(log.item_keys)
 
-    # ---- iterative k-core filter
-    kept = list(range(n_raw))
-    rounds = 0
-    while True:
-        user_count = Counter(interactions[k][0] for k in kept)
-        item_count = Counter(interactions[k][1] for k in kept)
-        still = [k for k in kept if user_count[interactions[k][0]] >= min_count and item_count[interactions[k][1]] >= min_count]
-        rounds += 1
-        if len(still) == len(kept):
-            break
-        kept = still
-    if not kept:
-        raise ValueError(f"no interaction survives the {min_count}-core filter")
+    # ---- iterative k-core (no time window), shared with the other sources
+    core = select_core(log, None, None, min_count=min_count, min_items=0)
 
     # ---- item renumbering: sorted by original id
-    kept_items = sorted({interactions[k][1] for k in kept}, key=_id_key)
-    new_id = {item: index for index, item in enumerate(kept_items)}
-    titles = [raw_title[item] for item in kept_items]
+    _, item, _, _ = log.arrays()
+    kept_index = sorted(set(item[core.mask].tolist()), key=lambda i: _id_key(log.item_keys[i]))
+    new_id = {index: position for position, index in enumerate(kept_index)}
+    titles = {index: raw_title[log.item_keys[index]] for index in kept_index}
 
-    # ---- per-user sequences, sorted by (timestamp, file order)
-    by_user: dict[str, list[int]] = {}
-    for k in kept:  # kept is in file order
-        by_user.setdefault(interactions[k][0], []).append(k)
-    samples = []  # (target timestamp, row); list columns pre-rendered as Python list literals
-    for user in sorted(by_user, key=_id_key):
-        seq = sorted(by_user[user], key=lambda k: (interactions[k][3], k))
-        # Each element rendered once; "[" + ", ".join(...) + "]" is exactly repr() of the list.
-        ids = [str(new_id[interactions[k][1]]) for k in seq]
-        seq_titles = [raw_title[interactions[k][1]] for k in seq]
-        title_reprs = [repr(title) for title in seq_titles]
-        ratings = [repr(interactions[k][2]) for k in seq]
-        stamps = [repr(interactions[k][3]) for k in seq]
-        for pos in range(1, len(seq)):
-            start = max(0, pos - max_history)
-            samples.append(
-                (
-                    interactions[seq[pos]][3],
-                    {
-                        "user_id": user,
-                        "history_item_id": "[" + ", ".join(ids[start:pos]) + "]",
-                        "item_id": ids[pos],
-                        "history_item_title": "[" + ", ".join(title_reprs[start:pos]) + "]",
-                        "item_title": seq_titles[pos],
-                        "history_rating": "[" + ", ".join(ratings[start:pos]) + "]",
-                        "rating": ratings[pos],
-                        "history_timestamp": "[" + ", ".join(stamps[start:pos]) + "]",
-                        "timestamp": stamps[pos],
-                    },
-                )
-            )
-    samples.sort(key=lambda pair: pair[0])  # stable: ties keep (user id, position) order
-    rows = [row for _, row in samples]
-    n_train, n_valid, n_test = _split_sizes(len(rows), split)
-    parts = {
-        "train": rows[:n_train],
-        "valid": rows[n_train : n_train + n_valid],
-        "test": rows[n_train + n_valid :],
-    }
-
-    # ---- statistics
-    title_count = Counter(titles)
-    shared = {title: count for title, count in title_count.items() if count > 1}
-    stats = {
+    extra = {
         "source": {"inter": str(inter_path), "item": str(item_path)},
         "params": {"max_history": max_history, "min_count": min_count, "split": list(split)},
         "raw": {"interactions": n_raw, "users": raw_users, "items": raw_items},
-        "core_filter_rounds": rounds,
-        "interactions": len(kept),
-        "users": len(by_user),
-        "items": len(kept_items),
-        "samples": {name: len(part) for name, part in parts.items()},
-        "samples_total": len(rows),
-        "target_timestamp_range": {
-            name: [_number(part[0]["timestamp"]), _number(part[-1]["timestamp"])] if part else None
-            for name, part in parts.items()
-        },
-        "distinct_titles": len(title_count),
-        "duplicate_titles": len(shared),
-        "items_with_duplicate_title": sum(shared.values()),
-        "duplicate_title_examples": sorted(shared)[:10],
-        "items_without_year": [new_id[item] for item in no_year if item in new_id],
+        "removed": {"core_filter": core.removed["core_filter"]},
+        "items_without_year": sorted(new_id[log.item_index[item_key]] for item_key in no_year
+                                     if item_key in log.item_index and log.item_index[item_key] in new_id),
     }
-
-    # ---- write: data files first, stats.json last (its presence marks a complete run)
-    for name, part in parts.items():
-        if not part:
-            raise ValueError(f"the {name} split is empty ({len(rows)} samples, split {split!r})")
-    stats_path = out / STATS_NAME
-    if stats_path.exists():
-        stats_path.unlink()
-    for name, part in parts.items():
-        write_split(out / f"{name}.csv", part)
-    write_catalogue(out / CATALOGUE_NAME, range(len(kept_items)), titles)
-    _atomic_write_text(stats_path, lambda handle: handle.write(json.dumps(stats, indent=2) + "\n"))
-    return stats
+    return write_dataset(
+        out, log, core, titles, new_id,
+        columns=SPLIT_COLUMNS, max_history=max_history, split=split, extra_stats=extra, progress=False,
+    )
 
 
 def default_data_dir() -> Path:
