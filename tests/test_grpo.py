@@ -370,3 +370,23 @@ def test_train_with_lora_reloads(setup):
     grpo.train_grpo(make_config(root, data, ckpt, "lora", lora=True, max_steps=1))
     model, _, meta = LatentR3Model.from_pretrained(root / "lora" / "last")
     assert meta["lora"] and hasattr(model.backbone, "peft_config")
+
+
+# ------------------------------------------------------------------------------------------ sweep
+def test_sweep_picks_by_validation_and_skips_done_points(setup, capsys):
+    from latentr3.training.sweep import parse_grid, run_sweep
+
+    root, data, ckpt = setup
+    cfg = make_config(root, data, ckpt, "sweep_run", max_steps=2, eval_sample=8)
+    grid = parse_grid(["grpo.lr=1e-4,5e-2"])
+    assert [float(v) for v in grid["grpo.lr"]] == [1e-4, 5e-2]
+    out = run_sweep(cfg, grid, "grpo")
+    scores = [r["valid_score"] for r in out["rows"]]
+    assert len(scores) == 2 and all(s is not None for s in scores)
+    assert scores == sorted(scores, reverse=True)            # best validation NDCG@10 first
+    assert out["selected"]["valid_score"] == max(scores)
+    assert "(selected)" in capsys.readouterr().out
+    done = Path(out["selected"]["checkpoint"]).parent / "done.json"
+    stamp = done.stat().st_mtime_ns
+    run_sweep(cfg, grid, "grpo")                              # finished points are not retrained
+    assert done.stat().st_mtime_ns == stamp

@@ -37,6 +37,13 @@ def cmd_grpo(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .training.sweep import parse_grid, run_sweep
+
+    run_sweep(_config(args), parse_grid(args.grid), args.stage)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluation.evaluate import run_eval
 
@@ -47,6 +54,16 @@ def cmd_eval(args) -> int:
         cfg.eval.split = args.split
     run_eval(cfg)
     return 0
+
+
+def cmd_baseline(args) -> int:
+    if args.baseline == "sasrec":
+        from .baselines.sasrec import train_sasrec
+
+        out = train_sasrec(_config(args))
+        print(f"checkpoint: {out}")
+        return 0
+    raise ValueError(f"unknown baseline {args.baseline!r}")
 
 
 def cmd_recommend(args) -> int:
@@ -93,10 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("run", "the whole pipeline: data -> SFT -> GRPO -> test evaluation -> results table", cmd_run)
     with_config("sft", "stage 1: supervised fine-tuning of backbone + LatentRATT", cmd_sft)
     with_config("grpo", "stage 2: latent GRPO on an SFT checkpoint (grpo.init=<dir>)", cmd_grpo)
+    sp = with_config("sweep", "train a grid of configs and pick by validation (never test)", cmd_sweep)
+    sp.add_argument("--grid", action="append", required=True, metavar="key=v1,v2",
+                    help="values to try, e.g. --grid grpo.lr=1e-5,1e-4,5e-4 (repeatable)")
+    sp.add_argument("--stage", choices=["grpo", "sft"], default="grpo", help="stage to sweep (default grpo)")
     sp = with_config("eval", "recommend for a split with constrained beam search and report HR@K / NDCG@K",
                      cmd_eval)
     sp.add_argument("--model", help="checkpoint directory (same as eval.model=...)")
     sp.add_argument("--split", help="split to evaluate: train/valid/test or a file stem (eval.split)")
+    bp = sub.add_parser("baseline", help="train a non-LLM baseline on the same splits",
+                        description="train a non-LLM baseline on the same splits")
+    bsub = bp.add_subparsers(dest="baseline", required=True, metavar="baseline")
+    help_ = ("SASRec (self-attentive next-item model over item ids), early stopping on validation "
+             "NDCG@10, saved to sasrec.output_dir; score it with `latentr3 eval --model <dir>`")
+    sp = bsub.add_parser("sasrec", help=help_, description=help_)
+    sp.add_argument("--config", help="YAML config (every field has a default)")
+    sp.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotted overrides, e.g. sasrec.hidden=64 data.dir=../data")
+    sp.set_defaults(fn=cmd_baseline)
     sp = sub.add_parser("recommend", help="recommend catalogue titles for one history",
                         description="recommend catalogue titles for one history")
     sp.add_argument("--model", required=True, help="checkpoint directory")
