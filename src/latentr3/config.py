@@ -145,6 +145,43 @@ class EvalConfig:
     popularity_source: str = ""
     # Inference dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.
     dtype: str = "auto"
+    # Decoding preset: "" (use length_penalty / assistant as set), "bigrec" (length penalty 1, no
+    # assistant), "d3" (length penalty 0 + the text-free assistant; needs `assistant`).
+    decoding: str = ""
+    # Text-free assistant (D3): a SASRec checkpoint (`latentr3 baseline sasrec`); "" = none.  At every
+    # beam step a token's score gets assistant_weight * log(SASRec mass of the items below the token /
+    # mass below the beam's node).  Weight 0 = plain LLM decoding.
+    assistant: str = ""
+    assistant_weight: float = 1.0
+
+
+@dataclass
+class SASRecConfig:
+    """The SASRec baseline (`latentr3 baseline sasrec`; also the D3 decoding assistant)."""
+
+    output_dir: str = "runs/sasrec"
+    # Architecture: hidden size, causal self-attention blocks, heads, longest history kept, dropout.
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 1
+    max_len: int = 50
+    dropout: float = 0.2
+    # Loss at every position of history + [target] ("all", the SASRec objective) or the last ("last").
+    loss_positions: str = "all"
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    # Upper bound on epochs; validation NDCG@10 (full-catalogue ranking) after each, early stopping after
+    # `patience` epochs without improvement (0 = never), the best epoch is kept.
+    epochs: int = 200
+    patience: int = 10
+    # Validation rows used for early stopping (-1 = all).
+    valid_sample: int = -1
+    seed: int = 42
+    # auto (cuda when available), cpu, cuda.
+    device: str = "auto"
+    # Scoring as a title list at eval: a title's score is the max (default) or the sum of its items'.
+    title_score: str = "max"
 
 
 @dataclass
@@ -210,6 +247,11 @@ class RunConfig:
     grpo: bool = True
     # Write PNG plots (needs matplotlib).
     plots: bool = True
+    # Train and evaluate the SASRec baseline (sasrec/ in the run directory).
+    sasrec: bool = True
+    # Also evaluate the final LatentR3 model under the d3 decoding preset (assistant: eval.assistant,
+    # or the run's SASRec).
+    d3: bool = False
 
 
 @dataclass
@@ -221,6 +263,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
 
 
 class ConfigError(ValueError):

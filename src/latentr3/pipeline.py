@@ -8,6 +8,7 @@ has completed and resumed when it was interrupted:
     sft/             latent SFT (stage 1)
     sft_no_latent/   the same backbone fine-tuned without a latent token (the "w/o reasoning" ablation)
     grpo/            latent GRPO on sft/best (stage 2)
+    sasrec/          the SASRec baseline over item ids (run.sasrec; also the D3 assistant)
     eval/<row>/      constrained beam search on the test split, per model
     results.md, results.json, *.png
 """
@@ -84,6 +85,28 @@ def run_pipeline(cfg: Config) -> dict:
         timings["LatentR3 (SFT + GRPO)"] = sft_time + _read_json(root / "grpo" / "done.json").get(
             "train_seconds", 0.0)
 
+    # --- SASRec baseline (item ids, no text); trained by the main process only
+    sasrec_dir = None
+    if cfg.run.sasrec:
+        from .baselines.sasrec import train_sasrec
+
+        sasrec_dir = root / "sasrec"
+        if state.is_main_process:
+            train_sasrec(_stage_cfg(cfg, sasrec__output_dir=str(sasrec_dir)))
+        state.wait_for_everyone()
+        timings["SASRec (item ids)"] = _read_json(sasrec_dir / "done.json").get("train_seconds", 0.0)
+    # the D3 preset's assistant defaults to the run's SASRec
+    assistant = cfg.eval.assistant or (str(sasrec_dir) if sasrec_dir else "")
+    if cfg.eval.decoding == "d3" and not cfg.eval.assistant and assistant:
+        cfg = _stage_cfg(cfg, eval__assistant=assistant)
+    if cfg.run.d3:
+        if not assistant:
+            raise ValueError("run.d3 needs eval.assistant or run.sasrec=true (the D3 assistant)")
+        final = next(n for n in ("LatentR3 (SFT + GRPO)", "latent SFT (stage 1)") if n in models)
+        d3_models = {f"{final.split(' (')[0]}, D3 decoding (+SASRec assistant)": (models[final], final)}
+    else:
+        d3_models = {}
+
     # --- evaluation on the test split
     e = cfg.eval
     test_rows = subsample(splits["test"], e.sample, e.seed)  # the rows run_eval scores
@@ -92,11 +115,22 @@ def run_pipeline(cfg: Config) -> dict:
         "popularity, recent (valid targets)": popularity_metrics(splits["valid"], test_rows, catalogue, e),
     }
     extra: dict[str, dict] = {}
+
+    def add_row(name: str, summary: dict, train_seconds: float | None) -> None:
+        rows[name] = summary["metrics"]
+        ups = summary.get("users_per_second")
+        extra[name] = {"ms_per_user": 1000.0 / ups if ups else None, "train_seconds": train_seconds}
     for i, (name, ckpt) in enumerate(models.items()):
         summary = _eval_stage(cfg, ckpt, root / "eval" / f"{i}_{Path(ckpt).parent.name}")
-        rows[name] = summary["metrics"]
-        extra[name] = {"ms_per_user": 1000.0 / summary["users_per_second"] if summary.get("users_per_second")
-                       else None, "train_seconds": timings.get(name)}
+        add_row(name, summary, timings.get(name))
+    for name, (ckpt, base) in d3_models.items():
+        summary = _eval_stage(_stage_cfg(cfg, eval__decoding="d3", eval__assistant=assistant), ckpt,
+                              root / "eval" / f"d3_{Path(ckpt).parent.name}")
+        add_row(name, summary, timings.get(base))
+    if sasrec_dir is not None:
+        name = "SASRec (item ids)"
+        summary = _eval_stage(cfg, sasrec_dir, root / "eval" / "sasrec")
+        add_row(name, summary, timings.get(name))
 
     # --- report
     result = {"data": _read_json(root / "data" / "summary.json"), "rows": rows, "extra": extra,
@@ -117,8 +151,9 @@ def render_report(rows: dict, extra: dict, cfg: Config) -> str:
     from .evaluation.evaluate import reported_ks
 
     ks = reported_ks(cfg.eval)
-    parts = [f"# Results on the test split ({cfg.eval.num_beams} beams, length penalty "
-             f"{cfg.eval.length_penalty})\n"]
+    lp = {"bigrec": 1.0, "d3": 0.0}.get(cfg.eval.decoding, cfg.eval.length_penalty)
+    preset = f", decoding preset {cfg.eval.decoding}" if cfg.eval.decoding else ""
+    parts = [f"# Results on the test split ({cfg.eval.num_beams} beams, length penalty {lp}{preset})\n"]
     for protocol, what in (("legacy", "title match, the paper's protocol"),
                            ("item", "item level: a title shared by m items counts 1/m")):
         parts.append(f"## {protocol} ({what})\n\n{format_markdown_table(rows, ks, protocol=protocol)}\n")

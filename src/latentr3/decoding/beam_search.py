@@ -164,7 +164,11 @@ def _user_topk(scores: torch.Tensor, user: torch.Tensor, num_users: int, k: int)
 @torch.no_grad()
 def constrained_beam_search(model: LatentR3Model, trie: ItemTrie, prompt_ids: torch.Tensor,
                             prompt_mask: torch.Tensor, num_beams: int = 10, top_k: int = 10,
-                            length_penalty: float = 1.0) -> BeamResult:
+                            length_penalty: float = 1.0, assistant=None) -> BeamResult:
+    """Top-k distinct catalogue titles per user; `assistant` (decoding.assistant.AssistantScores, rows in
+    prompt order) adds weight * log(subtree mass of child / of parent) to every candidate edge (D3)."""
+    if assistant is not None and assistant.weight == 0:
+        assistant = None
     B, K, V = prompt_ids.shape[0], num_beams, trie.vocab_size
     device = prompt_ids.device
     prefix = model.think(model.prefill(prompt_ids, prompt_mask))
@@ -191,6 +195,9 @@ def constrained_beam_search(model: LatentR3Model, trie: ItemTrie, prompt_ids: to
         lse = torch.logsumexp(logits[:, :V].float(), dim=-1)               # (U*k,)
         rows, tokens, kids = trie.edges(nodes)                             # rows sorted: user-major
         cand = sums.view(-1)[rows] + (logits[rows, tokens].float() - lse[rows])
+        if assistant is not None:   # text-free scores of the edges, gathered per (user, node)
+            cand = cand + assistant.edge_scores(users[torch.div(rows, k_cur, rounding_mode="floor")],
+                                                nodes[rows], kids)
         top_val, e = _user_topk(cand, torch.div(rows, k_cur, rounding_mode="floor"), U, 2 * K)  # (U, 2K)
         alive = top_val > NEG_INF
         src, token, child = rows[e], tokens[e], kids[e]                    # src: row in the current batch

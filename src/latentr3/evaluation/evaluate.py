@@ -18,6 +18,7 @@ from ..config import Config, EvalConfig
 from ..data.dataset import load_catalogue, load_split, subsample
 from ..data.prompts import PromptBuilder
 from ..data.splits import Catalogue, Sample
+from ..decoding.assistant import load_assistant, resolve_decoding
 from ..decoding.beam_search import constrained_beam_search
 from ..decoding.trie import ItemTrie
 from ..model.latent_lm import LatentR3Model, left_pad
@@ -56,14 +57,26 @@ def output_vocab_size(model: LatentR3Model) -> int:
 
 @torch.no_grad()
 def recommend_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[int]], pad_id: int,
-                      cfg: EvalConfig, progress=None) -> list[tuple[list[str], list[float]]]:
-    """Top titles for each tokenized prompt, batched by similar length (less padding)."""
+                      cfg: EvalConfig, progress=None, histories: list[list[int]] | None = None,
+                      assistant=None) -> list[tuple[list[str], list[float]]]:
+    """Top titles for each tokenized prompt, batched by similar length (less padding).
+
+    cfg.decoding presets apply; with an `assistant` (decoding.assistant.TrieAssistant) the history item
+    ids of each prompt (`histories`) give its text-free scores (D3).
+    """
+    cfg = resolve_decoding(cfg)
+    if assistant is not None and histories is None:
+        raise ValueError("an assistant needs the history item ids of every prompt")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start: start + cfg.batch_size]
         ids, mask = left_pad([prompts[i] for i in idx], pad_id, model.device)
-        res = constrained_beam_search(model, trie, ids, mask, cfg.num_beams, cfg.top_k, cfg.length_penalty)
+        if assistant is None:
+            res = constrained_beam_search(model, trie, ids, mask, cfg.num_beams, cfg.top_k, cfg.length_penalty)
+        else:
+            res = constrained_beam_search(model, trie, ids, mask, cfg.num_beams, cfg.top_k, cfg.length_penalty,
+                                          assistant=assistant.scores([histories[i] for i in idx], model.device))
         for j, i in enumerate(idx):
             out[i] = (res.titles[j], res.scores[j])
         if progress is not None:
@@ -80,16 +93,19 @@ def evaluate_samples(model: LatentR3Model, tokenizer, builder: PromptBuilder, sa
     from tqdm.auto import tqdm
 
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo group under torchrun
+    cfg = resolve_decoding(cfg)
     was_training = model.training
     model.eval()
     trie = trie or build_trie(catalogue, builder, output_vocab_size(model))
     trie = trie.to(model.device)
+    assistant = load_assistant(cfg, trie, model.device)
     t0 = time.time()
     indices = list(range(len(samples)))
     with state.split_between_processes(indices) as mine:
         prompts = [builder.prompt_ids(samples[i].history_titles) for i in mine]
         bar = tqdm(total=len(mine), desc="eval", unit="user", disable=not (progress and state.is_main_process))
-        recs = recommend_prompts(model, trie, prompts, tokenizer.pad_token_id, cfg, bar)
+        recs = recommend_prompts(model, trie, prompts, tokenizer.pad_token_id, cfg, bar,
+                                 [samples[i].history_ids for i in mine], assistant)
         bar.close()
         local = [{"index": i, "history": samples[i].history_titles, "target": samples[i].target_title,
                   "target_id": samples[i].target_id, "predicted": titles, "scores": scores}
@@ -123,25 +139,38 @@ def run_eval(cfg: Config) -> dict:
 
     from ..model.build import resolve_dtype
 
+    from ..baselines.sasrec import evaluate_sasrec, is_sasrec_checkpoint
+
     e = cfg.eval
     if not e.model:
         raise ValueError("eval.model (--model) must name a checkpoint directory")
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo group under torchrun
     device = state.device
-    model, tokenizer, meta = LatentR3Model.from_pretrained(e.model, resolve_dtype(e.dtype, device), device)
-    builder = builder_for_checkpoint(tokenizer, meta, model.num_latent)
     catalogue = load_catalogue(cfg.data)
     samples = subsample(load_split(cfg.data, e.split, catalogue), e.sample, e.seed)
-    result = evaluate_samples(model, tokenizer, builder, samples, catalogue, e, progress=True)
+    extra: dict = {}
+    if is_sasrec_checkpoint(e.model):
+        # full-catalogue ranking of item ids -> distinct titles (see baselines/sasrec.py)
+        result = evaluate_sasrec(e.model, samples, catalogue, e, cfg.sasrec.title_score)
+        label = f"SASRec ({Path(e.model).name})"
+        extra = {"recommender": "sasrec", "title_score": cfg.sasrec.title_score}
+    else:
+        e = resolve_decoding(e)
+        model, tokenizer, meta = LatentR3Model.from_pretrained(e.model, resolve_dtype(e.dtype, device), device)
+        builder = builder_for_checkpoint(tokenizer, meta, model.num_latent)
+        result = evaluate_samples(model, tokenizer, builder, samples, catalogue, e, progress=True)
+        label = f"LatentR3 ({Path(e.model).name})"
+        extra = {"decoding": e.decoding, "assistant": e.assistant if e.assistant_weight else "",
+                 "assistant_weight": e.assistant_weight if e.assistant else 0.0}
 
-    rows = {f"LatentR3 ({Path(e.model).name})": result.metrics}
+    rows = {label: result.metrics}
     pop_source = e.popularity_source or "train"
     pop_rows = load_split(cfg.data, pop_source, catalogue)
     rows[f"popularity ({pop_source} targets)"] = popularity_metrics(pop_rows, samples, catalogue, e)
     summary = {"model": e.model, "split": e.split, "rows": len(samples), "metrics": result.metrics,
                "popularity": rows[f"popularity ({pop_source} targets)"], "seconds": result.seconds,
                "users_per_second": result.users_per_second, "num_beams": e.num_beams,
-               "length_penalty": e.length_penalty, "processes": state.num_processes}
+               "length_penalty": e.length_penalty, "processes": state.num_processes, **extra}
     if state.is_main_process:
         out = Path(e.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,7 @@ class RunState:
         tmp = self.path.with_name("state.tmp")
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank has written its part (RNG states) before the swap
         if accelerator.is_main_process:
             (tmp / "run_state.json").write_text(json.dumps(self.to_dict()))
             old = self.path.with_name("state.old")

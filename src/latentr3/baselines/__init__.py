@@ -1,0 +1,1 @@
+"""Non-LLM baselines that read the same split files (SASRec)."""
