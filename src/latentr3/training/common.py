@@ -83,6 +83,19 @@ class RunState:
         accelerator.wait_for_everyone()
 
 
+def already_done(out: Path, cfg, accelerator, stage: str) -> bool:
+    """True when `stage` already completed in `out`; otherwise creates `out` and saves the config there."""
+    from ..config import save_config
+
+    if (out / "done.json").exists():
+        accelerator.print(f"{stage} already completed in {out}; best checkpoint: {out / 'best'}")
+        return True
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return False
+
+
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl (main process only)."""
 

@@ -46,11 +46,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, GRPOConfig, save_config
+from ..config import Config, GRPOConfig
 from ..model.latent_lm import LatentR3Model, Prefix
 from .advantages import (ADVANTAGE_RULES, compute_advantages, item_frequencies, popularity_groups,
                          popularity_scores, popularity_thresholds, perplexity_reward)
-from .common import EpochShuffleSampler, MetricsLog, RunState, build_scheduler, make_accelerator
+from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
+                     make_accelerator)
 
 NDCG_KEY = "legacy/NDCG@10"
 
@@ -347,12 +348,8 @@ def train_grpo(cfg: Config) -> Path:
     accelerator = make_accelerator(g.batch_size, g.micro_batch_size, mixed_precision="no")
     set_seed(g.seed)
     state = RunState(out)
-    if (out / "done.json").exists():
-        accelerator.print(f"GRPO already completed in {out}; best checkpoint: {best_dir}")
+    if already_done(out, cfg, accelerator, "GRPO"):
         return best_dir
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     # --- model
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)

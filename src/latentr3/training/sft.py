@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, save_config
+from ..config import Config
 from ..data.dataset import (collate, load_catalogue, save_catalogue_copy, subsample, tokenize_samples,
                             train_and_valid)
 from ..data.prompts import PromptBuilder
 from ..model.build import build_model
-from .common import EpochShuffleSampler, MetricsLog, RunState, build_scheduler, make_accelerator
+from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
+                     make_accelerator)
 
 
 def masked_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +95,8 @@ def train_sft(cfg: Config) -> Path:
 
     set_seed(s.seed)
     state = RunState(out)
-    if (out / "done.json").exists():
-        accelerator.print(f"SFT already completed in {out}; best checkpoint: {best_dir}")
+    if already_done(out, cfg, accelerator, "SFT"):
         return best_dir
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     # --- data
     catalogue = load_catalogue(cfg.data)
