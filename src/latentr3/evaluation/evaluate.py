@@ -72,11 +72,9 @@ def recommend_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[i
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start: start + cfg.batch_size]
         ids, mask = left_pad([prompts[i] for i in idx], pad_id, model.device)
-        if assistant is None:
-            res = constrained_beam_search(model, trie, ids, mask, cfg.num_beams, cfg.top_k, cfg.length_penalty)
-        else:
-            res = constrained_beam_search(model, trie, ids, mask, cfg.num_beams, cfg.top_k, cfg.length_penalty,
-                                          assistant=assistant.scores([histories[i] for i in idx], model.device))
+        scores = None if assistant is None else assistant.scores([histories[i] for i in idx], model.device)
+        res = constrained_beam_search(model, trie, ids, mask, cfg.num_beams, cfg.top_k, cfg.length_penalty,
+                                      assistant=scores)
         for j, i in enumerate(idx):
             out[i] = (res.titles[j], res.scores[j])
         if progress is not None:

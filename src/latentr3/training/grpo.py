@@ -48,6 +48,7 @@ import torch
 
 from ..config import Config, GRPOConfig
 from ..model.latent_lm import LatentR3Model, Prefix
+from ..evaluation.evaluate import build_trie, evaluate_samples, output_vocab_size
 from .advantages import (ADVANTAGE_RULES, compute_advantages, item_frequencies, popularity_groups,
                          popularity_scores, popularity_thresholds, perplexity_reward)
 from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
@@ -291,16 +292,6 @@ def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[di
 
 
 # ============================================================================ the recipe
-def _validate(model, tokenizer, builder, samples, catalogue, cfg: Config, accelerator) -> float | None:
-    """Validation NDCG@10 (legacy protocol) by beam search; None when the evaluator is unavailable."""
-    try:
-        from ..evaluation.evaluate import evaluate_samples
-    except ImportError:
-        return None
-    res = evaluate_samples(model, tokenizer, builder, samples, catalogue, cfg.eval, accelerator=accelerator)
-    return float(res.metrics[NDCG_KEY])
-
-
 def _freeze_for_grpo(model: LatentR3Model, cfg: Config) -> bool:
     """Freezes the backbone; LatentRATT (and a LoRA adapter with grpo.lora) train.  True if LoRA trains."""
     for p in model.parameters():
@@ -382,7 +373,7 @@ def train_grpo(cfg: Config) -> Path:
         thr = popularity_thresholds(popularity_scores([s.history_ids for s in all_train], freq),
                                     g.popularity_groups)
         groups_all = popularity_groups(popularity_scores([s.history_ids for s in train_rows], freq), thr)
-    valid_rows = None
+    valid_rows = valid_trie = None
     pad = tokenizer.pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
     B, mb, G = g.batch_size, g.micro_batch_size, g.num_generations
@@ -408,13 +399,14 @@ def train_grpo(cfg: Config) -> Path:
     sampler = EpochShuffleSampler(len(train_set), g.seed)
 
     def evaluate_and_keep_best() -> None:
-        nonlocal valid_rows
+        """Validation NDCG@10 (legacy protocol) by beam search; the rows and the trie are built once."""
+        nonlocal valid_rows, valid_trie
         if valid_rows is None:
             valid_rows = subsample(all_valid, g.eval_sample, g.seed)
-        ndcg = _validate(model, tokenizer, builder, valid_rows, catalogue, cfg, accelerator)
-        if ndcg is None:
-            accelerator.print("evaluator unavailable: no validation, the last checkpoint is the best")
-            return
+            valid_trie = build_trie(catalogue, builder, output_vocab_size(model))
+        res = evaluate_samples(model, tokenizer, builder, valid_rows, catalogue, cfg.eval,
+                               accelerator=accelerator, trie=valid_trie)
+        ndcg = float(res.metrics[NDCG_KEY])
         if -ndcg < state.best:  # RunState keeps "lower is better"
             state.best, state.bad_evals = -ndcg, 0
             if accelerator.is_main_process:
