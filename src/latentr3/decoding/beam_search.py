@@ -28,9 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from ..model.latent_lm import LatentR3Model
+from ..model.latent_lm import LatentR3Model, left_pad
+from .decoder_step import LlamaFamilyStep, attend_beams
 from .trie import ItemTrie
 
 NEG_INF = float("-inf")
@@ -59,83 +61,108 @@ def _upper_bound(sums: torch.Tensor, max_final_len: torch.Tensor, length_penalty
     return _normalise(sums, max_final_len.to(sums.dtype), length_penalty)
 
 
-class _BeamKV(DynamicLayer):
-    """One layer's KV cache for the beams: the prompt part once per user, the generated part per beam.
+_ADMIT_FRACTION = 1.0
+_MIN_SHARED_PREFIX = 8   # shorter common prefixes are not worth a separate prefill
+_SLOT_CHUNK = 16   # the generated-KV buffers grow by this many positions when a title runs longer
+
+
+class BeamKV(DynamicLayer):
+    """One layer's KV cache for the beams of the active users: prompt part once per user, generated
+    part per beam.
 
     Rows are user-major (row u * K + k).  The prompt (+ latents) keys/values are kept once per user,
-    (U, H, P, D), never repeated for the K beams; the generated tokens live in a per-beam buffer
-    (U * K, H, capacity, D) written in place.  `update` returns the generated part only;
-    `_beam_attention` attends over both (one softmax over prompt + generated positions).  A beam step
-    permutes rows only inside a user, so it reorders the generated part alone; when users leave the
-    batch, both parts are compacted.
+    (U, H, P, D), never repeated for the K beams, with an additive mask `prompt_bias` (U * H, 1, P)
+    (0, or -inf at left padding).  The generated tokens live in a per-beam buffer (U * K, H, capacity, D)
+    written in place.  Users admitted at different steps have generated different numbers of tokens,
+    so every row writes at its own slot and `gen_bias` (R, 1, 1, t) masks the slots a row has not
+    written (`begin_step` sets both for all layers).  `update` returns the generated part only;
+    `attend_beams` attends over both (one softmax over prompt + generated positions).  A beam step
+    permutes rows only inside a user, so it reorders the generated part alone; users leaving the batch
+    are dropped from both parts (`select`), users joining it are appended (`extend`).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor,
-                 users: torch.Tensor, beams: int, capacity: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor, beams: int):
         super().__init__()
-        self.prompt_keys, self.prompt_values = keys[users], values[users]      # (U, H, P, D)
-        self.prompt_mask = prompt_mask[users].bool()                          # (U, P)
-        self.beams, self.t = beams, 0
-        shape = (users.numel() * beams, keys.shape[1], capacity, keys.shape[-1])
-        self.k_buf, self.v_buf = keys.new_empty(shape), values.new_empty(shape)
+        self.prompt_keys, self.prompt_values = keys.contiguous(), values.contiguous()   # (U, H, P, D)
+        U, H, P, D = keys.shape
+        bias = torch.zeros(U, P, dtype=keys.dtype, device=keys.device)
+        self.prompt_bias = bias.masked_fill_(~prompt_mask.bool(), NEG_INF).repeat_interleave(H, 0)[:, None]
+        self.beams, self.used = beams, 0     # used: buffer slots holding data in some row
+        self.k_buf = keys.new_zeros(U * beams, H, _SLOT_CHUNK, D)
+        self.v_buf = torch.zeros_like(self.k_buf)
+        self.rows = self.slot = self.gen_bias = None
+        self.t = 0
         self.is_initialized = True
         self.keys = self.values = None  # unused; the buffers are the storage
 
+    def begin_step(self, rows: torch.Tensor, slot: torch.Tensor, t: int, gen_bias: torch.Tensor) -> None:
+        """Before a step: row r writes its new K/V at slot[r]; attention reads slots [0, t)."""
+        if t > self.k_buf.shape[2]:
+            grow = -(-(t - self.k_buf.shape[2]) // _SLOT_CHUNK) * _SLOT_CHUNK
+            self.k_buf = F.pad(self.k_buf, (0, 0, 0, grow))
+            self.v_buf = F.pad(self.v_buf, (0, 0, 0, grow))
+        self.rows, self.slot, self.t, self.gen_bias = rows, slot, t, gen_bias
+        self.used = max(self.used, t)
+
     def update(self, key_states, value_states, *args, **kwargs):
-        s = key_states.shape[-2]
-        self.k_buf[:, :, self.t: self.t + s] = key_states
-        self.v_buf[:, :, self.t: self.t + s] = value_states
-        self.t += s
+        """key/value_states (R, H, 1, D) of the new token of every row -> the rows' generated K/V."""
+        self.k_buf[self.rows, :, self.slot] = key_states[:, :, 0]
+        self.v_buf[self.rows, :, self.slot] = value_states[:, :, 0]
         return self.k_buf[:, :, : self.t], self.v_buf[:, :, : self.t]
 
     def get_seq_length(self) -> int:
-        return self.prompt_mask.shape[1] + self.t
+        return self.prompt_keys.shape[2] + self.t
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def reorder_within_users(self, rows: torch.Tensor) -> None:
-        if self.t:
-            self.k_buf[:, :, : self.t] = self.k_buf[rows, :, : self.t]
-            self.v_buf[:, :, : self.t] = self.v_buf[rows, :, : self.t]
+        if self.used:
+            self.k_buf[:, :, : self.used] = self.k_buf[rows, :, : self.used]
+            self.v_buf[:, :, : self.used] = self.v_buf[rows, :, : self.used]
 
     def select(self, users: torch.Tensor, rows: torch.Tensor) -> None:
         """Keep `users` (indices into the current users) and the beam rows `rows` (theirs)."""
         self.prompt_keys, self.prompt_values = self.prompt_keys[users], self.prompt_values[users]
-        self.prompt_mask = self.prompt_mask[users]
+        U, H, P = self.prompt_keys.shape[:3]
+        self.prompt_bias = self.prompt_bias.view(-1, H, 1, P)[users].view(U * H, 1, P)
         self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
 
+    def extend(self, new: "BeamKV") -> None:
+        """Appends the users of `new` (left-padding the shorter prompt part to a common length)."""
+        p_old, p_new = self.prompt_keys.shape[2], new.prompt_keys.shape[2]
+        pad_old, pad_new = max(p_new - p_old, 0), max(p_old - p_new, 0)
 
-_ACTIVE_LAYERS: list | None = None   # the _BeamKV layers of the search in progress (set around forwards)
+        def cat_prompt(a, b):
+            return torch.cat([F.pad(a, (0, 0, pad_old, 0)), F.pad(b, (0, 0, pad_new, 0))])
+
+        self.prompt_keys = cat_prompt(self.prompt_keys, new.prompt_keys)
+        self.prompt_values = cat_prompt(self.prompt_values, new.prompt_values)
+        self.prompt_bias = torch.cat([F.pad(self.prompt_bias, (pad_old, 0), value=NEG_INF),
+                                      F.pad(new.prompt_bias, (pad_new, 0), value=NEG_INF)])
+        cap = max(self.k_buf.shape[2], new.k_buf.shape[2])
+
+        def cat_gen(a, b):
+            return torch.cat([F.pad(a, (0, 0, 0, cap - a.shape[2])), F.pad(b, (0, 0, 0, cap - b.shape[2]))])
+
+        self.k_buf, self.v_buf = cat_gen(self.k_buf, new.k_buf), cat_gen(self.v_buf, new.v_buf)
+
+
+_ACTIVE_LAYERS: list | None = None   # the BeamKV layers of the search in progress (set around forwards)
 _BEAM_ATTENTION = "latentr3_beam"
 
 
 def _beam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of one new token per beam row over its user's shared prompt KV + its own generated KV.
+    """The HF-forward path's attention function: `attend_beams` behind transformers' AttentionInterface.
 
-    query (R, Hq, 1, D), key/value (R, Hk, t, D) (the generated part from `_BeamKV.update`).  The
-    prompt logits are computed once per user for all its K beams: (U, H, K, P) against (U, H, P, D).
+    query (R, Hq, 1, D), key/value (R, Hk, t, D) (the generated part from `BeamKV.update`).
     """
     layer = _ACTIVE_LAYERS[module.layer_idx]
-    pk, pv, pmask, K = layer.prompt_keys, layer.prompt_values, layer.prompt_mask, layer.beams
     R, Hq, _, D = query.shape
-    U, Hk = pk.shape[0], pk.shape[1]
-    if Hq != Hk:  # grouped-query attention
-        g = Hq // Hk
-        pk, pv = pk.repeat_interleave(g, 1), pv.repeat_interleave(g, 1)
-        key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
     scaling = D ** -0.5 if scaling is None else scaling
-    q = query.view(U, K, Hq, D).transpose(1, 2)                                # (U, H, K, D)
-    s_prompt = torch.matmul(q, pk.transpose(-1, -2)).mul_(scaling)              # (U, H, K, P)
-    s_prompt.masked_fill_(~pmask[:, None, None, :], NEG_INF)
-    s_gen = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)            # (R, H, 1, t)
-    s_gen = s_gen.view(U, K, Hq, -1).transpose(1, 2)                            # (U, H, K, t)
-    P = s_prompt.shape[-1]
-    w = torch.cat([s_prompt, s_gen], -1).softmax(-1)
-    out = torch.matmul(w[..., :P], pv)                                          # (U, H, K, D)
-    w_gen = w[..., P:].transpose(1, 2).reshape(R, Hq, 1, -1)
-    out = out.transpose(1, 2).reshape(R, Hq, 1, D) + torch.matmul(w_gen, value)  # (R, H, 1, D)
-    return out.transpose(1, 2), None                                            # (R, 1, H, D)
+    out = attend_beams(query[:, :, 0], layer.prompt_keys, layer.prompt_values, layer.prompt_bias, key, value,
+                       layer.gen_bias, scaling)
+    return out.view(R, 1, Hq, D), None
 
 
 def _register_beam_attention() -> None:
@@ -144,6 +171,32 @@ def _register_beam_attention() -> None:
 
     AttentionInterface.register(_BEAM_ATTENTION, _beam_attention)
     AttentionMaskInterface.register(_BEAM_ATTENTION, lambda *args, **kwargs: None)  # the prompt mask is ours
+
+
+class _HFForwardStep:
+    """A beam step through the backbone's own forward (any architecture whose attention goes through
+    transformers' AttentionInterface): `_beam_attention` is switched in for the duration of the call."""
+
+    def __init__(self, model: LatentR3Model):
+        _register_beam_attention()
+        self.model = model
+        self.embed = model.backbone.get_input_embeddings()
+
+    runs_row_subset = False  # every beam row runs (dead ones included)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, num_rows: int,
+                 cache) -> torch.Tensor:
+        global _ACTIVE_LAYERS
+        model = self.model
+        config = model.backbone.config
+        saved, _ACTIVE_LAYERS = config._attn_implementation, cache.layers
+        config._attn_implementation = _BEAM_ATTENTION
+        try:
+            logits, _, _ = model._run(self.embed(tokens[:, None]).to(model.embed_dtype), None, positions[:, None],
+                                      cache, logits_to_keep=1, hidden=False)
+        finally:
+            config._attn_implementation, _ACTIVE_LAYERS = saved, None
+        return logits[:, -1]
 
 
 def _user_topk(scores: torch.Tensor, user: torch.Tensor, num_users: int, k: int):
@@ -161,56 +214,135 @@ def _user_topk(scores: torch.Tensor, user: torch.Tensor, num_users: int, k: int)
     return val, (first[:, None] + idx).clamp_(max=max(user.numel() - 1, 0))
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest token prefix common to all prompts."""
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
+
+
+class _ActiveUsers:
+    """The users being decoded: per-user and per-beam-row state, compacted and extended together."""
+
+    def __init__(self, device):
+        e = torch.empty(0, dtype=torch.long, device=device)
+        self.users = e            # (U,) prompt index of each active user
+        self.nodes = e            # (R,) trie node of each beam row, R = U * K
+        self.sums = None          # (U, K) sum of the beams' log-probs (+ assistant scores); -inf = dead beam
+        self.fed = e              # (U,) tokens generated and fed so far (equal for a user's beams)
+        self.base_pos = e         # (U,) position of the first generated token
+        self.assistant = None     # AssistantScores of the active users (D3), or None
+        self.logits = None        # (M, V') logits that score the rows' next tokens ...
+        self.logit_row = e        # (R,) ... row r's are logits[logit_row[r]]
+        self.cache = None         # DynamicCache whose layers are BeamKV
+
+    def __len__(self) -> int:
+        return self.users.numel()
+
+
 @torch.no_grad()
-def constrained_beam_search(model: LatentR3Model, trie: ItemTrie, prompt_ids: torch.Tensor,
-                            prompt_mask: torch.Tensor, num_beams: int = 10, top_k: int = 10,
-                            length_penalty: float = 1.0, assistant=None) -> BeamResult:
-    """Top-k distinct catalogue titles per user; `assistant` (decoding.assistant.AssistantScores, rows in
-    prompt order) adds weight * log(subtree mass of child / of parent) to every candidate edge (D3)."""
-    if assistant is not None and assistant.weight == 0:
-        assistant = None
-    B, K, V = prompt_ids.shape[0], num_beams, trie.vocab_size
-    device = prompt_ids.device
-    prefix = model.think(model.prefill(prompt_ids, prompt_mask))
-    cache = prefix.cache
-    logits = prefix.last_logits                                            # (U*k, V'), k = 1 at step 1
-    embed = model.backbone.get_input_embeddings()
+def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[int]], pad_id: int,
+                        max_users: int = 16, num_beams: int = 10, top_k: int = 10, length_penalty: float = 1.0,
+                        assistant=None, fast_step: bool = True, share_prefix: bool = True,
+                        progress=None) -> BeamResult:
+    """Top-k distinct catalogue titles for every prompt (token id lists), decoding up to `max_users` at once.
+
+    Users are admitted as others finish (continuous batching): the batch stays full instead of running
+    its last steps for a few slow users, and memory stays bounded by `max_users`.  The results do not
+    depend on which users share a batch.  `assistant`, when given, maps a list of prompt indices to
+    their `decoding.assistant.AssistantScores` (D3): weight * log(subtree mass of child / of parent) is
+    added to every candidate edge.  `fast_step` runs the beam steps through `LlamaFamilyStep` when the
+    backbone is one it supports; False (or another architecture) runs them through the backbone's own
+    forward.  `share_prefix` prefills the token prefix common to all prompts once.  `progress.update(n)`
+    is called as users finish.
+    """
+    K, V, N = num_beams, trie.vocab_size, len(prompts)
+    device = model.device
+    run_step = LlamaFamilyStep(model.backbone) if fast_step and LlamaFamilyStep.supports(model.backbone) \
+        else _HFForwardStep(model)
     leaf_depth = trie.subtree_max_depth                                    # (num_nodes,)
     # A beam with nothing left to extend sits on a leaf: a leaf has no out-edges, so no candidates.
     dead = int(trie.leaf_node_of_title[0])
+    pool_scores = torch.full((N, top_k), NEG_INF, device=device)
+    pool_titles = torch.full((N, top_k), -1, dtype=torch.long, device=device)
+    # Admit when a quarter of the places are free (or the batch ran empty): each admission is a prefill.
+    admit_at = max(1, int(max_users * _ADMIT_FRACTION))
+    queue = list(range(N))
+    act = _ActiveUsers(device)
+    # The token prefix all prompts share (the template's instruction: 75 of 121 tokens with the paper
+    # template on CDs) is prefilled once; each user's prefill runs only the rest.
+    shared, start = None, 0
+    if share_prefix and N > 1:
+        start = min(shared_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+        if start >= _MIN_SHARED_PREFIX:
+            ids = torch.tensor([prompts[0][:start]], device=device)
+            shared = model.prefill(ids, torch.ones_like(ids))
+        else:
+            start = 0
 
-    # Live users are compacted: rows of finished users leave the batch and the KV cache.
-    users = torch.arange(B, device=device)                                 # (U,) original index
-    nodes = torch.zeros(B, dtype=torch.long, device=device)                # step 1: one beam (root) per user
-    sums = torch.zeros(B, 1, device=device)
-    pool_scores = torch.full((B, top_k), NEG_INF, device=device)
-    pool_titles = torch.full((B, top_k), -1, dtype=torch.long, device=device)
-    prompt_attention = prefix.attention_mask
-    _register_beam_attention()
-    base_pos = prefix.next_position                                        # (U,) position of t_1
-    prefix = None
+    def admit(idx: list[int]) -> None:
+        """Prefills the prompts `idx`, computes their latents and adds them with one live (root) beam each."""
+        ids, mask = left_pad([prompts[i][start:] for i in idx], pad_id, device)
+        prefix = model.think(model.prefill(ids, mask, shared))
+        n = len(idx)
+        layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, K) for layer in prefix.cache.layers]
+        nodes = torch.full((n, K), dead, dtype=torch.long, device=device)
+        nodes[:, 0] = 0                                                    # the root; the other beams dead
+        sums = torch.full((n, K), NEG_INF, device=device)
+        sums[:, 0] = 0.0
+        rows_of = len(act.logits) if act.logits is not None else 0
+        logit_row = rows_of + torch.arange(n, device=device).repeat_interleave(K)
+        new_users = torch.tensor(idx, dtype=torch.long, device=device)
+        scores = assistant(idx) if assistant is not None else None
+        if act.cache is None:
+            from transformers import DynamicCache
 
-    for step in range(1, trie.max_depth + 1):
-        U, k_cur = sums.shape
-        lse = torch.logsumexp(logits[:, :V].float(), dim=-1)               # (U*k,)
-        rows, tokens, kids = trie.edges(nodes)                             # rows sorted: user-major
-        cand = sums.view(-1)[rows] + (logits[rows, tokens].float() - lse[rows])
-        if assistant is not None:   # text-free scores of the edges, gathered per (user, node)
-            cand = cand + assistant.edge_scores(users[torch.div(rows, k_cur, rounding_mode="floor")],
-                                                nodes[rows], kids)
-        top_val, e = _user_topk(cand, torch.div(rows, k_cur, rounding_mode="floor"), U, 2 * K)  # (U, 2K)
+            act.cache = DynamicCache()
+            act.cache.layers = layers
+            act.logits, act.sums = prefix.last_logits, sums
+        else:
+            for layer, extra in zip(act.cache.layers, layers):
+                layer.extend(extra)
+            act.logits = torch.cat([act.logits, prefix.last_logits])
+            act.sums = torch.cat([act.sums, sums])
+        act.users = torch.cat([act.users, new_users])
+        act.nodes = torch.cat([act.nodes, nodes.view(-1)])
+        act.fed = torch.cat([act.fed, torch.zeros(n, dtype=torch.long, device=device)])
+        act.base_pos = torch.cat([act.base_pos, prefix.next_position])
+        act.logit_row = torch.cat([act.logit_row, logit_row])
+        if scores is not None:
+            if act.assistant is not None:
+                scores.log_mass = torch.cat([act.assistant.log_mass, scores.log_mass])
+            act.assistant = scores
+
+    while queue or len(act):
+        if queue and (max_users - len(act) >= admit_at or not len(act)):
+            take = min(max_users - len(act), len(queue))
+            admit(queue[:take])
+            del queue[:take]
+        U = len(act)
+        # ---- score every candidate edge of every live beam
+        lse = torch.logsumexp(act.logits[:, :V].float(), dim=-1)           # (M,)
+        rows, tokens, kids = trie.edges(act.nodes)                         # rows sorted: user-major
+        lrow = act.logit_row[rows]
+        cand = act.sums.view(-1)[rows] + (act.logits[lrow, tokens].float() - lse[lrow])
+        urow = torch.div(rows, K, rounding_mode="floor")
+        if act.assistant is not None:   # text-free scores of the edges (D3), <= 0
+            cand = cand + act.assistant.edge_scores(urow, act.nodes[rows], kids)
+        top_val, e = _user_topk(cand, urow, U, 2 * K)                      # (U, 2K)
         alive = top_val > NEG_INF
         src, token, child = rows[e], tokens[e], kids[e]                    # src: row in the current batch
         leaf = (trie.leaf_title_index[child] >= 0) & alive
 
         # finished titles -> the user's pool of the best top_k
-        fin_scores = torch.where(leaf, _normalise(top_val, step, length_penalty), NEG_INF)
+        fin_scores = torch.where(leaf, _normalise(top_val, (act.fed + 1)[:, None], length_penalty), NEG_INF)
         fin_titles = torch.where(leaf, trie.leaf_title_index[child], -1)
-        merged_s = torch.cat([pool_scores[users], fin_scores], 1)
-        merged_t = torch.cat([pool_titles[users], fin_titles], 1)
+        merged_s = torch.cat([pool_scores[act.users], fin_scores], 1)
+        merged_t = torch.cat([pool_titles[act.users], fin_titles], 1)
         best_s, order = merged_s.topk(top_k, dim=1)
-        pool_scores[users] = best_s
-        pool_titles[users] = merged_t.gather(1, order)
+        pool_scores[act.users] = best_s
+        pool_titles[act.users] = merged_t.gather(1, order)
 
         # unfinished candidates -> next beams
         sums, pick = torch.where(leaf | ~alive, NEG_INF, top_val).topk(K, dim=1)   # (U, K)
@@ -218,49 +350,69 @@ def constrained_beam_search(model: LatentR3Model, trie: ItemTrie, prompt_ids: to
         next_nodes = torch.where(live, child.gather(1, pick), dead)
         next_tokens = torch.where(live, token.gather(1, pick), 0)
         # a dead beam still needs a row of its own user: the prompt part of the cache is never re-copied
-        pick_src = torch.where(live, src.gather(1, pick), torch.arange(U, device=device)[:, None] * k_cur)
+        pick_src = torch.where(live, src.gather(1, pick), torch.arange(U, device=device)[:, None] * K)
 
         # a user is done when its pool is full and no live beam can still enter it
         bound = _upper_bound(sums, leaf_depth[next_nodes], length_penalty).masked_fill(~live, NEG_INF)
-        best_bound = bound.max(dim=1).values
         pool_full = best_s[:, -1] > NEG_INF
-        keep = live.any(dim=1) & (~pool_full | (best_bound > best_s[:, -1]))
+        keep = live.any(dim=1) & (~pool_full | (bound.max(dim=1).values > best_s[:, -1]))
         n_keep = int(keep.sum())
-        if n_keep == 0:
-            break
-        all_kept = n_keep == U
-        if not all_kept:
-            users, sums, next_nodes, next_tokens, pick_src = (
-                users[keep], sums[keep], next_nodes[keep], next_tokens[keep], pick_src[keep])
-            base_pos = base_pos[keep]
-        nodes, flat = next_nodes.view(-1), pick_src.view(-1)
-        if step == 1:   # the beams' cache (rows of the prefix = users here)
-            kept_users = torch.nonzero(keep).view(-1) if not all_kept else torch.arange(U, device=device)
-            cache.layers = [_BeamKV(layer.keys, layer.values, prompt_attention, kept_users, K, trie.max_depth)
-                            for layer in cache.layers]
-        elif all_kept:
-            for layer in cache.layers:
-                layer.reorder_within_users(flat)
+        if progress is not None and n_keep < U:
+            progress.update(U - n_keep)
+        act.sums, act.nodes = sums, next_nodes.view(-1)
+        if n_keep == U:
+            for layer in act.cache.layers:
+                layer.reorder_within_users(pick_src.view(-1))
+        elif n_keep == 0:
+            act = _ActiveUsers(device)
+            continue
         else:
-            kept_users = torch.nonzero(keep).view(-1)
-            for layer in cache.layers:
-                layer.select(kept_users, flat)
-        R = flat.numel()
-        pos = (base_pos + (step - 1)).repeat_interleave(K)[:, None]
-        global _ACTIVE_LAYERS
-        config = model.backbone.config
-        saved, _ACTIVE_LAYERS = config._attn_implementation, cache.layers
-        config._attn_implementation = _BEAM_ATTENTION
-        try:
-            step_logits, _, _ = model._run(embed(next_tokens.view(R, 1)).to(model.embed_dtype), None, pos, cache,
-                                           logits_to_keep=1, hidden=False)
-        finally:
-            config._attn_implementation, _ACTIVE_LAYERS = saved, None
-        logits = step_logits[:, -1]
+            kept = torch.nonzero(keep).view(-1)
+            for layer in act.cache.layers:
+                layer.select(kept, pick_src[keep].view(-1))
+            act.users, act.sums, act.fed, act.base_pos = act.users[kept], sums[kept], act.fed[kept], act.base_pos[kept]
+            act.nodes, next_tokens = next_nodes[kept].view(-1), next_tokens[kept]
+            if act.assistant is not None:
+                act.assistant.log_mass = act.assistant.log_mass[kept]
+
+        # ---- one token per live beam row: row r writes its K/V at slot fed[user] (position base_pos + fed)
+        R = n_keep * K
+        slot = act.fed.repeat_interleave(K)
+        t = int(act.fed.max()) + 1
+        gen_bias = torch.zeros(R, t, dtype=act.cache.layers[0].k_buf.dtype, device=device).masked_fill_(
+            torch.arange(t, device=device)[None, :] > slot[:, None], NEG_INF).view(R, 1, 1, t)
+        all_rows = torch.arange(R, device=device)
+        run = torch.nonzero(live[keep].view(-1)).view(-1) if run_step.runs_row_subset else all_rows
+        for layer in act.cache.layers:
+            layer.begin_step(run, slot[run], t, gen_bias)
+        positions = (act.base_pos + act.fed).repeat_interleave(K)[run]
+        act.logits = run_step(next_tokens.view(-1)[run], positions, run, R, act.cache)
+        # row r's logits: its index among the rows that ran (a dead row's is never read: it has no edges)
+        act.logit_row = all_rows if run.numel() == R else \
+            torch.zeros(R, dtype=torch.long, device=device).index_copy_(0, run, all_rows[: run.numel()])
+        act.fed = act.fed + 1
 
     titles, scores = [], []
-    for b in range(B):
+    for b in range(N):
         found = pool_titles[b] >= 0
         titles.append([trie.titles_unique[i] for i in pool_titles[b][found].tolist()])
         scores.append(pool_scores[b][found].tolist())
     return BeamResult(titles, scores, pool_titles)
+
+
+@torch.no_grad()
+def constrained_beam_search(model: LatentR3Model, trie: ItemTrie, prompt_ids: torch.Tensor,
+                            prompt_mask: torch.Tensor, num_beams: int = 10, top_k: int = 10,
+                            length_penalty: float = 1.0, assistant=None, fast_step: bool = True) -> BeamResult:
+    """`beam_search_prompts` for one left-padded batch, all users decoded together.
+
+    `assistant`: decoding.assistant.AssistantScores with rows in prompt order (D3), or None.
+    """
+    if assistant is not None and assistant.weight == 0:
+        assistant = None
+    prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+    scores_of = None
+    if assistant is not None:
+        scores_of = lambda idx: type(assistant)(assistant.log_mass[idx], assistant.weight)  # noqa: E731
+    return beam_search_prompts(model, trie, prompts, 0, len(prompts), num_beams, top_k, length_penalty,
+                               scores_of, fast_step)

@@ -19,9 +19,9 @@ from ..data.dataset import load_catalogue, load_split, subsample
 from ..data.prompts import PromptBuilder
 from ..data.splits import Catalogue, Sample
 from ..decoding.assistant import load_assistant, resolve_decoding
-from ..decoding.beam_search import constrained_beam_search
+from ..decoding.beam_search import beam_search_prompts
 from ..decoding.trie import ItemTrie
-from ..model.latent_lm import LatentR3Model, left_pad
+from ..model.latent_lm import LatentR3Model
 from .metrics import compute_metrics, format_markdown_table, popularity_ranking
 
 
@@ -59,7 +59,7 @@ def output_vocab_size(model: LatentR3Model) -> int:
 def recommend_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[int]], pad_id: int,
                       cfg: EvalConfig, progress=None, histories: list[list[int]] | None = None,
                       assistant=None) -> list[tuple[list[str], list[float]]]:
-    """Top titles for each tokenized prompt, batched by similar length (less padding).
+    """Top titles for each tokenized prompt, up to cfg.batch_size users decoded at once.
 
     cfg.decoding presets apply; with an `assistant` (decoding.assistant.TrieAssistant) the history item
     ids of each prompt (`histories`) give its text-free scores (D3).
@@ -67,18 +67,16 @@ def recommend_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[i
     cfg = resolve_decoding(cfg)
     if assistant is not None and histories is None:
         raise ValueError("an assistant needs the history item ids of every prompt")
+    # Shorter prompts first: users decoded together then have similar prompt lengths (less padding).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    scores_of = None
+    if assistant is not None:
+        scores_of = lambda idx: assistant.scores([histories[order[i]] for i in idx], model.device)  # noqa: E731
+    res = beam_search_prompts(model, trie, [prompts[i] for i in order], pad_id, cfg.batch_size, cfg.num_beams,
+                              cfg.top_k, cfg.length_penalty, scores_of, progress=progress)
     out: list = [None] * len(prompts)
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start: start + cfg.batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad_id, model.device)
-        scores = None if assistant is None else assistant.scores([histories[i] for i in idx], model.device)
-        res = constrained_beam_search(model, trie, ids, mask, cfg.num_beams, cfg.top_k, cfg.length_penalty,
-                                      assistant=scores)
-        for j, i in enumerate(idx):
-            out[i] = (res.titles[j], res.scores[j])
-        if progress is not None:
-            progress.update(len(idx))
+    for j, i in enumerate(order):
+        out[i] = (res.titles[j], res.scores[j])
     return out
 
 

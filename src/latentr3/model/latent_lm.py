@@ -119,14 +119,29 @@ class LatentR3Model(nn.Module):
         return out.logits, (out.hidden_states[-1] if hidden else None), cache
 
     # ------------------------------------------------------------------ single pass
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Prefix:
-        """Runs the (left-padded) prompts once; logits only at the last position."""
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, shared: Prefix | None = None) -> Prefix:
+        """Runs the (left-padded) prompts once; logits only at the last position.
+
+        `shared`: the prefill of one row of tokens that every prompt starts with (e.g. the template's
+        instruction); `prompt_ids` then hold only what follows it.  Its KV and hidden states are reused
+        for every row instead of being recomputed (its KV is copied: `think` extends the cache).
+        """
         from transformers import DynamicCache
 
-        positions = positions_from_mask(prompt_mask)
         embeds = self.backbone.get_input_embeddings()(prompt_ids)
-        logits, hidden, cache = self._run(embeds, prompt_mask, positions, DynamicCache(), logits_to_keep=1)
-        return Prefix(cache, prompt_mask, hidden, positions, logits[:, -1])
+        if shared is None:
+            positions = positions_from_mask(prompt_mask)
+            logits, hidden, cache = self._run(embeds, prompt_mask, positions, DynamicCache(), logits_to_keep=1)
+            return Prefix(cache, prompt_mask, hidden, positions, logits[:, -1])
+        B = prompt_ids.shape[0]
+        cache = DynamicCache()
+        for i, layer in enumerate(shared.cache.layers):
+            cache.update(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1), i)
+        positions = positions_from_mask(prompt_mask) + shared.next_position[:, None]
+        mask = torch.cat([shared.attention_mask.expand(B, -1), prompt_mask], 1)
+        logits, hidden, cache = self._run(embeds, mask, positions, cache, logits_to_keep=1)
+        return Prefix(cache, mask, torch.cat([shared.hidden.expand(B, -1, -1), hidden], 1),
+                      torch.cat([shared.positions.expand(B, -1), positions], 1), logits[:, -1])
 
     def compute_latent(self, prefix: Prefix) -> torch.Tensor:
         """The next latent from everything in `prefix` (query = its last position). fp32 (B, D)."""
