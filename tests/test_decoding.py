@@ -5,7 +5,9 @@ import torch
 
 from latentr3.data.prompts import PromptBuilder
 from latentr3.data.splits import Catalogue
-from latentr3.decoding.beam_search import constrained_beam_search
+from latentr3.decoding.beam_search import (BeamKV, beam_search_prompts, begin_beam_step, constrained_beam_search,
+                                           shared_prefix_length)
+from latentr3.decoding.decoder_step import LlamaFamilyStep
 from latentr3.evaluation.evaluate import build_trie, output_vocab_size
 from latentr3.model.backbones import add_latent_token, tiny_qwen2, tiny_tokenizer_corpus, train_tiny_tokenizer
 from latentr3.model.latent_lm import LatentR3Model, left_pad, right_pad
@@ -92,3 +94,123 @@ def test_shared_title_is_one_leaf_with_all_items():
     trie = build_trie(cat, builder, output_vocab_size(model))
     node = int(trie.leaf_node_of_title[trie.title_to_index["Greatest Hits"]])
     assert sorted(trie.items_of(node)) == [2, 3]
+
+
+HISTORIES = [["Abbey Road", "Help!"], ["Rumours"], ["Ten", "Vs.", "Yield", "Nevermind"], ["Bad"],
+             ["Tusk", "Blue", "Heligoland"], ["Animals"] * 3]
+
+
+def _beam_cache(model, ids, mask, beams=1):
+    from transformers import DynamicCache
+
+    prefix = model.think(model.prefill(ids, mask))
+    cache = DynamicCache()
+    cache.layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, beams) for layer in prefix.cache.layers]
+    return prefix, cache
+
+
+def test_fast_step_logits_equal_the_backbone_forward():
+    """Users at different depths in one batch, a row that does not run, garbage in unwritten slots."""
+    for num_latent in (0, 1):
+        model, tok, builder, _ = make(num_latent, seed=7)
+        prompts = [builder.prompt_ids(h) for h in HISTORIES[:2]]
+        fed = {0: [5, 17, 42], 1: [9]}           # user 1 starts two steps after user 0
+        want = {}
+        for u, tokens in fed.items():            # reference: the backbone's forward over prompt + tokens
+            ids, mask = left_pad([prompts[u]], tok.pad_token_id)
+            embeds = model.backbone.get_input_embeddings()(torch.tensor([tokens]))
+            _, logits = model.append(model.think(model.prefill(ids, mask)), embeds, keep_hidden=False)
+            want[u] = logits[0, -1]
+        ids, mask = left_pad(prompts, tok.pad_token_id)
+        prefix, cache = _beam_cache(model, ids, mask)
+        for layer in cache.layers:               # unwritten slots must be masked, not merely zero
+            layer.k_buf.fill_(30.0)
+            layer.v_buf.fill_(30.0)
+        step = LlamaFamilyStep(model.backbone)
+        for i, (rows, slot) in enumerate([([0], [0, 0]), ([0], [1, 0]), ([0, 1], [2, 0])]):
+            rows, slot = torch.tensor(rows), torch.tensor(slot)
+            begin_beam_step(cache, slot, rows)
+            tokens = torch.tensor([fed[0][i]] + ([fed[1][0]] if len(rows) == 2 else []))
+            logits = step(tokens, (prefix.next_position + slot)[rows], rows, 2, cache)
+        assert torch.allclose(logits[0], want[0], atol=1e-5), num_latent
+        assert torch.allclose(logits[1], want[1], atol=1e-5), num_latent
+
+
+def test_fast_step_and_backbone_forward_paths_give_the_same_beams():
+    for num_latent in (0, 1):
+        model, tok, builder, cat = make(num_latent, seed=2)
+        trie = build_trie(cat, builder, output_vocab_size(model))
+        ids, mask = left_pad([builder.prompt_ids(h) for h in HISTORIES], tok.pad_token_id)
+        for lp in (1.0, 0.0):
+            fast = constrained_beam_search(model, trie, ids, mask, num_beams=5, top_k=5, length_penalty=lp)
+            slow = constrained_beam_search(model, trie, ids, mask, num_beams=5, top_k=5, length_penalty=lp,
+                                           fast_step=False)
+            assert fast.titles == slow.titles, (num_latent, lp)
+            for a, b in zip(fast.scores, slow.scores):
+                assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_llama_family_step_support_check():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model, *_ = make(1)
+    assert LlamaFamilyStep.supports(model.backbone)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
+    assert not LlamaFamilyStep.supports(gpt2)
+
+
+def test_shared_prefix_prefill_equals_the_full_prefill():
+    model, tok, _, _ = make(1, seed=4)
+    builder = PromptBuilder(tok, "paper", "albums", 256, 1)   # a long instruction shared by every prompt
+    prompts = [builder.prompt_ids(h) for h in HISTORIES]
+    start = shared_prefix_length(prompts)
+    assert start >= 20 and all(p[:start] == prompts[0][:start] for p in prompts)
+    with torch.no_grad():
+        ids, mask = left_pad(prompts, tok.pad_token_id)
+        full = model.think(model.prefill(ids, mask))
+        head = torch.tensor([prompts[0][:start]])
+        shared = model.prefill(head, torch.ones_like(head))
+        ids, mask = left_pad([p[start:] for p in prompts], tok.pad_token_id)
+        split = model.think(model.prefill(ids, mask, shared))
+    assert torch.allclose(split.latents, full.latents, atol=1e-5)
+    assert torch.allclose(split.last_logits, full.last_logits, atol=1e-4)
+    assert torch.equal(split.next_position, full.next_position)
+
+
+def test_results_do_not_depend_on_batching_refill_or_prefix_sharing():
+    model, tok, _, cat = make(1, seed=6)
+    builder = PromptBuilder(tok, "paper", "albums", 256, 1)
+    trie = build_trie(cat, builder, output_vocab_size(model))
+    prompts = [builder.prompt_ids(h) for h in HISTORIES]
+    want = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=len(prompts), num_beams=4,
+                               top_k=4, share_prefix=False)
+    for max_users, refill, share in ((2, 0.5, True), (2, 1.0, True), (4, 0.25, True), (1, 1.0, False),
+                                     (6, 1.0, True)):
+        got = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=max_users, num_beams=4,
+                                  top_k=4, share_prefix=share, refill=refill)
+        assert got.titles == want.titles, (max_users, refill, share)
+        for a, b in zip(got.scores, want.scores):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4), (max_users, refill, share)
+
+
+def test_assistant_scores_follow_their_users_through_admissions():
+    from latentr3.decoding.assistant import AssistantScores
+
+    model, tok, _, cat = make(1, seed=8)
+    builder = PromptBuilder(tok, "paper", "albums", 256, 1)
+    trie = build_trie(cat, builder, output_vocab_size(model))
+    prompts = [builder.prompt_ids(h) for h in HISTORIES]
+    gen = torch.Generator().manual_seed(0)
+    log_mass = trie.subtree_sum(torch.rand(len(prompts), trie.num_items, generator=gen) ** 4).log()
+
+    def scores_of(idx):
+        return AssistantScores(log_mass[idx], 2.0)
+
+    want = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=len(prompts), num_beams=4,
+                               top_k=4, length_penalty=0.0, assistant=scores_of)
+    plain = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=len(prompts), num_beams=4,
+                                top_k=4, length_penalty=0.0)
+    assert want.titles != plain.titles   # the assistant changes the ranking
+    got = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=2, num_beams=4, top_k=4,
+                              length_penalty=0.0, assistant=scores_of, refill=0.5)
+    assert got.titles == want.titles

@@ -130,8 +130,14 @@ class EvalConfig:
     sample: int = -1
     seed: int = 0
     output_dir: str = "runs/eval"
-    # Users decoded together (each with num_beams beams).
+    # Users decoded together (each with num_beams beams); bounds the decoding memory.
     batch_size: int = 16
+    # Continuous batching: waiting users join the decoding batch once this fraction of its batch_size
+    # places is free (each admission is one prefill).  1.0 = static batches (join an empty batch only):
+    # the faster setting measured on CPU, where a step costs in proportion to its rows and an extra
+    # prefill is not free.  Lower values keep the batch full when a few users run long, which should pay
+    # where a step's cost hardly depends on its rows (GPU).  Results do not depend on it.
+    refill: float = 1.0
     num_beams: int = 10
     # Titles returned and scored per user (at most num_beams are guaranteed: when every live beam ends
     # at once the search stops).  The beams do not depend on it, and the search runs until no live beam

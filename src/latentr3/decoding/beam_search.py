@@ -4,21 +4,26 @@ Written by hand because no maintained decoder does this efficiently: Hugging Fac
 `prefix_allowed_tokens_fn` calls Python once per beam per step and the reference hashes token prefixes
 into a dict.  Here every step is a handful of tensor operations over all beams of all users:
 
-* the prompt is prefilled once per user and the latent thought(s) computed once; the beams share that
-  prompt KV (kept once per user, never repeated K times): each step's attention (`_beam_attention`,
-  registered with transformers' AttentionInterface for the beam steps only) scores the K beams of a
-  user against it in one matmul and against their own generated KV, which sits in a preallocated
-  buffer written in place (no torch.cat per step, and a beam reorder copies the generated part only);
+* the token prefix every prompt shares (the template's instruction) is prefilled once for all users;
+  each user's prompt is prefilled once after it and the latent thought(s) computed once;
+* the beams share that prompt KV (kept once per user, never repeated K times): each step's attention
+  (`decoder_step.attend_beams`) scores the K beams of a user against it in one matmul and against
+  their own generated KV, which sits in a buffer written in place (no torch.cat per step; a beam
+  reorder copies the generated part only);
+* beam steps run through `decoder_step.LlamaFamilyStep` (the backbone's own modules without HF's
+  per-call model plumbing) when the backbone is a Llama-family decoder, else through the backbone's
+  forward with `attend_beams` switched in through transformers' AttentionInterface; the fast step
+  runs only live beam rows (right after a user starts, 9 of its 10 beams are empty);
 * the trie (CSR tensors) gives each live beam's out-edges (a dead beam sits on a leaf: no edges); the
   candidates' scores, sum + logit - logsumexp, are ranked per user over the edges alone (no
   (beams, vocab) candidate matrix); the edge gives the child node directly (no trie look-up);
-* step 1 scores the single root beam per user from the prefill's logits, so the beam cache is built
-  from the chosen candidates' users rather than repeated and then reordered;
+* a user starts with one live beam at the root, scored from its prefill's logits;
 * a candidate that takes the EOS edge reaches a leaf = a finished title; finished titles go to a
   per-user pool of the best `top_k`, the others become the next beams;
 * a user is finished when its pool is full and no live beam can still beat the pool's worst entry
   (exact: scores only fall as a title grows, see `_upper_bound`), or when it has no live beam; its
-  rows then leave the batch and the KV cache, so the remaining steps only run unfinished users.
+  rows then leave the batch and the KV cache, and waiting users are admitted in its place
+  (continuous batching, `refill`).
 
 Scores are sum(log p) / length ** length_penalty, length = generated tokens including EOS
 (length_penalty 1 = BIGRec / the paper, 0 = plain sum as in D3).
@@ -61,7 +66,6 @@ def _upper_bound(sums: torch.Tensor, max_final_len: torch.Tensor, length_penalty
     return _normalise(sums, max_final_len.to(sums.dtype), length_penalty)
 
 
-_ADMIT_FRACTION = 1.0
 _MIN_SHARED_PREFIX = 8   # shorter common prefixes are not worth a separate prefill
 _SLOT_CHUNK = 16   # the generated-KV buffers grow by this many positions when a title runs longer
 
@@ -173,6 +177,18 @@ def _register_beam_attention() -> None:
     AttentionMaskInterface.register(_BEAM_ATTENTION, lambda *args, **kwargs: None)  # the prompt mask is ours
 
 
+def begin_beam_step(cache, slot: torch.Tensor, run: torch.Tensor) -> None:
+    """Prepares every BeamKV layer of `cache` for one step: beam row r writes its new K/V at slot[r] and
+    attends to its slots 0..slot[r] (rows of users admitted later have written fewer); only the rows
+    `run` write."""
+    R, t = slot.numel(), int(slot.max()) + 1
+    layers = cache.layers
+    gen_bias = torch.zeros(R, t, dtype=layers[0].k_buf.dtype, device=slot.device).masked_fill_(
+        torch.arange(t, device=slot.device)[None, :] > slot[:, None], NEG_INF).view(R, 1, 1, t)
+    for layer in layers:
+        layer.begin_step(run, slot[run], t, gen_bias)
+
+
 class _HFForwardStep:
     """A beam step through the backbone's own forward (any architecture whose attention goes through
     transformers' AttentionInterface): `_beam_attention` is switched in for the duration of the call."""
@@ -245,12 +261,13 @@ class _ActiveUsers:
 def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[int]], pad_id: int,
                         max_users: int = 16, num_beams: int = 10, top_k: int = 10, length_penalty: float = 1.0,
                         assistant=None, fast_step: bool = True, share_prefix: bool = True,
-                        progress=None) -> BeamResult:
+                        refill: float = 1.0, progress=None) -> BeamResult:
     """Top-k distinct catalogue titles for every prompt (token id lists), decoding up to `max_users` at once.
 
-    Users are admitted as others finish (continuous batching): the batch stays full instead of running
-    its last steps for a few slow users, and memory stays bounded by `max_users`.  The results do not
-    depend on which users share a batch.  `assistant`, when given, maps a list of prompt indices to
+    Memory stays bounded by `max_users`.  Continuous batching: waiting users are admitted (prefilled)
+    once a fraction `refill` of the `max_users` places is free, so the batch need not run its last steps
+    for a few slow users; refill = 1.0 admits only into an empty batch (static batches).  The results do
+    not depend on which users share a batch.  `assistant`, when given, maps a list of prompt indices to
     their `decoding.assistant.AssistantScores` (D3): weight * log(subtree mass of child / of parent) is
     added to every candidate edge.  `fast_step` runs the beam steps through `LlamaFamilyStep` when the
     backbone is one it supports; False (or another architecture) runs them through the backbone's own
@@ -266,8 +283,9 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
     dead = int(trie.leaf_node_of_title[0])
     pool_scores = torch.full((N, top_k), NEG_INF, device=device)
     pool_titles = torch.full((N, top_k), -1, dtype=torch.long, device=device)
-    # Admit when a quarter of the places are free (or the batch ran empty): each admission is a prefill.
-    admit_at = max(1, int(max_users * _ADMIT_FRACTION))
+    if not 0.0 < refill <= 1.0:
+        raise ValueError(f"refill must be in (0, 1], got {refill}")
+    admit_at = max(1, int(max_users * refill))   # free places that trigger an admission (one prefill)
     queue = list(range(N))
     act = _ActiveUsers(device)
     # The token prefix all prompts share (the template's instruction: 75 of 121 tokens with the paper
@@ -377,14 +395,9 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
 
         # ---- one token per live beam row: row r writes its K/V at slot fed[user] (position base_pos + fed)
         R = n_keep * K
-        slot = act.fed.repeat_interleave(K)
-        t = int(act.fed.max()) + 1
-        gen_bias = torch.zeros(R, t, dtype=act.cache.layers[0].k_buf.dtype, device=device).masked_fill_(
-            torch.arange(t, device=device)[None, :] > slot[:, None], NEG_INF).view(R, 1, 1, t)
         all_rows = torch.arange(R, device=device)
         run = torch.nonzero(live[keep].view(-1)).view(-1) if run_step.runs_row_subset else all_rows
-        for layer in act.cache.layers:
-            layer.begin_step(run, slot[run], t, gen_bias)
+        begin_beam_step(act.cache, act.fed.repeat_interleave(K), run)
         positions = (act.base_pos + act.fed).repeat_interleave(K)[run]
         act.logits = run_step(next_tokens.view(-1)[run], positions, run, R, act.cache)
         # row r's logits: its index among the rows that ran (a dead row's is never read: it has no edges)
