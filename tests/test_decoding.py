@@ -124,8 +124,8 @@ def test_fast_step_logits_equal_the_backbone_forward():
         ids, mask = left_pad(prompts, tok.pad_token_id)
         prefix, cache = _beam_cache(model, ids, mask)
         for layer in cache.layers:               # unwritten slots must be masked, not merely zero
-            layer.k_buf.fill_(30.0)
-            layer.v_buf.fill_(30.0)
+            layer.k_all[:, :, layer.prompt_len:] = 30.0
+            layer.v_all[:, :, layer.prompt_len:] = 30.0
         step = LlamaFamilyStep(model.backbone)
         for i, (rows, slot) in enumerate([([0], [0, 0]), ([0], [1, 0]), ([0, 1], [2, 0])]):
             rows, slot = torch.tensor(rows), torch.tensor(slot)
@@ -177,40 +177,65 @@ def test_shared_prefix_prefill_equals_the_full_prefill():
     assert torch.equal(split.next_position, full.next_position)
 
 
-def test_results_do_not_depend_on_batching_refill_or_prefix_sharing():
-    model, tok, _, cat = make(1, seed=6)
-    builder = PromptBuilder(tok, "paper", "albums", 256, 1)
-    trie = build_trie(cat, builder, output_vocab_size(model))
-    prompts = [builder.prompt_ids(h) for h in HISTORIES]
-    want = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=len(prompts), num_beams=4,
-                               top_k=4, share_prefix=False)
-    for max_users, refill, share in ((2, 0.5, True), (2, 1.0, True), (4, 0.25, True), (1, 1.0, False),
-                                     (6, 1.0, True)):
-        got = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=max_users, num_beams=4,
-                                  top_k=4, share_prefix=share, refill=refill)
-        assert got.titles == want.titles, (max_users, refill, share)
-        for a, b in zip(got.scores, want.scores):
-            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4), (max_users, refill, share)
+def make_varied(seed: int = 0):
+    """A catalogue of 1- to 12-word titles (trie depth ~50), a latent model, the paper prompt, 8 users
+    ordered by prompt length, and per-user assistant log-masses: with the assistant the users' searches
+    diverge and end at different steps, so admissions happen while others are mid-title."""
+    import random
 
-
-def test_assistant_scores_follow_their_users_through_admissions():
     from latentr3.decoding.assistant import AssistantScores
 
-    model, tok, _, cat = make(1, seed=8)
-    builder = PromptBuilder(tok, "paper", "albums", 256, 1)
-    trie = build_trie(cat, builder, output_vocab_size(model))
-    prompts = [builder.prompt_ids(h) for h in HISTORIES]
-    gen = torch.Generator().manual_seed(0)
-    log_mass = trie.subtree_sum(torch.rand(len(prompts), trie.num_items, generator=gen) ** 4).log()
+    rng = random.Random(seed)
+    words = "blue red train moon wall road kind of the in a love night day song live best hits volume".split()
+    titles = sorted({" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(60)})
+    tok = train_tiny_tokenizer(tiny_tokenizer_corpus(titles, "albums"), 300)
+    backbone = tiny_qwen2(len(tok), hidden=32, layers=2, heads=2, seed=seed)
+    latent_id = add_latent_token(backbone, tok)
+    torch.manual_seed(seed)
+    model = LatentR3Model(backbone, latent_id, 1).eval()
+    with torch.no_grad():
+        backbone.get_input_embeddings().weight.mul_(8.0)
+    catalogue = Catalogue(path="mem", ids=list(range(len(titles))), titles=titles)
+    builder = PromptBuilder(tok, "paper", "albums", 512, 1)
+    trie = build_trie(catalogue, builder, output_vocab_size(model))
+    histories = [[titles[i] for i in rng.sample(range(len(titles)), rng.randint(1, 4))] for _ in range(8)]
+    prompts = sorted((builder.prompt_ids(h) for h in histories), key=len)
+    gen = torch.Generator().manual_seed(seed)
+    log_mass = trie.subtree_sum(torch.rand(len(prompts), trie.num_items, generator=gen) ** 8).log()
+    return model, tok, trie, prompts, lambda idx: AssistantScores(log_mass[idx], 3.0)
 
-    def scores_of(idx):
-        return AssistantScores(log_mass[idx], 2.0)
 
-    want = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=len(prompts), num_beams=4,
-                               top_k=4, length_penalty=0.0, assistant=scores_of)
-    plain = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=len(prompts), num_beams=4,
-                                top_k=4, length_penalty=0.0)
-    assert want.titles != plain.titles   # the assistant changes the ranking
-    got = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=2, num_beams=4, top_k=4,
-                              length_penalty=0.0, assistant=scores_of, refill=0.5)
-    assert got.titles == want.titles
+class _Finished:
+    def __init__(self):
+        self.counts = []
+
+    def update(self, n):
+        self.counts.append(n)
+
+
+def test_results_do_not_depend_on_batching_refill_or_prefix_sharing(monkeypatch):
+    import latentr3.decoding.beam_search as beam_search
+
+    monkeypatch.setattr(beam_search, "_SLOT_CHUNK", 2)   # buffers grow during the search and on admission
+    model, tok, trie, prompts, assistant = make_varied()
+    assert len(prompts[0]) < len(prompts[-1])            # admitted users widen the prompt part
+    for kw in ({"length_penalty": 0.0, "assistant": assistant}, {"length_penalty": 1.0}):
+        finished = _Finished()
+        want = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=len(prompts), num_beams=4,
+                                   top_k=4, share_prefix=False, progress=finished, **kw)
+        if "assistant" in kw:
+            assert len(finished.counts) > 3               # users finish at different steps
+        for max_users, refill, share in ((3, 0.34, True), (2, 1.0, True), (4, 0.25, False), (1, 1.0, True)):
+            got = beam_search_prompts(model, trie, prompts, tok.pad_token_id, max_users=max_users, num_beams=4,
+                                      top_k=4, share_prefix=share, refill=refill, **kw)
+            assert got.titles == want.titles, (max_users, refill, share, kw.keys())
+            for a, b in zip(got.scores, want.scores):
+                assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4), (max_users, refill, share)
+
+
+def test_assistant_changes_the_ranking():
+    model, tok, trie, prompts, assistant = make_varied(1)
+    kw = dict(max_users=8, num_beams=4, top_k=4, length_penalty=0.0)
+    with_assistant = beam_search_prompts(model, trie, prompts, tok.pad_token_id, assistant=assistant, **kw)
+    plain = beam_search_prompts(model, trie, prompts, tok.pad_token_id, **kw)
+    assert with_assistant.titles != plain.titles

@@ -7,9 +7,9 @@ into a dict.  Here every step is a handful of tensor operations over all beams o
 * the token prefix every prompt shares (the template's instruction) is prefilled once for all users;
   each user's prompt is prefilled once after it and the latent thought(s) computed once;
 * the beams share that prompt KV (kept once per user, never repeated K times): each step's attention
-  (`decoder_step.attend_beams`) scores the K beams of a user against it in one matmul and against
-  their own generated KV, which sits in a buffer written in place (no torch.cat per step; a beam
-  reorder copies the generated part only);
+  (`decoder_step.attend_beams`, one fused SDPA call per layer) lets the K beams of a user read it and
+  their own generated KV, written once in place (no torch.cat per step) and never moved: a beam
+  reorder changes which earlier tokens each beam may read (its ancestry), not the KV;
 * beam steps run through `decoder_step.LlamaFamilyStep` (the backbone's own modules without HF's
   per-call model plumbing) when the backbone is a Llama-family decoder, else through the backbone's
   forward with `attend_beams` switched in through transformers' AttentionInterface; the fast step
@@ -71,85 +71,77 @@ _SLOT_CHUNK = 16   # the generated-KV buffers grow by this many positions when a
 
 
 class BeamKV(DynamicLayer):
-    """One layer's KV cache for the beams of the active users: prompt part once per user, generated
-    part per beam.
+    """One layer's KV cache for the beams of the active users.
 
-    Rows are user-major (row u * K + k).  The prompt (+ latents) keys/values are kept once per user,
-    (U, H, P, D), never repeated for the K beams, with an additive mask `prompt_bias` (U * H, 1, P)
-    (0, or -inf at left padding).  The generated tokens live in a per-beam buffer (U * K, H, capacity, D)
-    written in place.  Users admitted at different steps have generated different numbers of tokens,
-    so every row writes at its own slot and `gen_bias` (R, 1, 1, t) masks the slots a row has not
-    written (`begin_step` sets both for all layers).  `update` returns the generated part only;
-    `attend_beams` attends over both (one softmax over prompt + generated positions).  A beam step
-    permutes rows only inside a user, so it reorders the generated part alone; users leaving the batch
-    are dropped from both parts (`select`), users joining it are appended (`extend`).
+    Storage (U, H, P + capacity * K, D) per user: first the prompt (+ latent) positions, left-padded to a
+    common length P and kept once per user, never repeated for the K beams; then the generated tokens,
+    slot-major: the token that beam k of a user generated at the user's step s sits at P + s * K + k,
+    written once and never moved.  When beams are reordered, each beam's ancestry (which beam column it
+    descends from at every earlier step) changes instead of the KV: one attention call per layer
+    (`attend_beams`, a fused SDPA kernel) lets the K beams of a user read its prompt and their own
+    ancestors' tokens through a mask built from that ancestry (`begin_beam_step`), which also hides the
+    slots a user has not written yet (users admitted at different steps have generated different
+    numbers of tokens).  Users leaving the batch are dropped (`select`), users joining it appended
+    (`extend`).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor, beams: int):
         super().__init__()
-        self.prompt_keys, self.prompt_values = keys.contiguous(), values.contiguous()   # (U, H, P, D)
         U, H, P, D = keys.shape
-        bias = torch.zeros(U, P, dtype=keys.dtype, device=keys.device)
-        self.prompt_bias = bias.masked_fill_(~prompt_mask.bool(), NEG_INF).repeat_interleave(H, 0)[:, None]
-        self.beams, self.used = beams, 0     # used: buffer slots holding data in some row
-        self.k_buf = keys.new_zeros(U * beams, H, _SLOT_CHUNK, D)
-        self.v_buf = torch.zeros_like(self.k_buf)
-        self.rows = self.slot = self.gen_bias = None
-        self.t = 0
+        self.beams, self.prompt_len = beams, P
+        self.k_all = keys.new_zeros(U, H, P + _SLOT_CHUNK * beams, D)
+        self.v_all = torch.zeros_like(self.k_all)
+        self.k_all[:, :, :P], self.v_all[:, :, :P] = keys, values
+        # additive mask of the prompt part: 0, or -inf at left padding
+        self.prompt_bias = torch.zeros(U, 1, 1, P, dtype=keys.dtype, device=keys.device).masked_fill_(
+            ~prompt_mask.bool()[:, None, None, :], NEG_INF)
+        self.write_user = self.write_pos = self.mask = None
+        self.length = P
         self.is_initialized = True
-        self.keys = self.values = None  # unused; the buffers are the storage
+        self.keys = self.values = None  # unused; k_all / v_all are the storage
 
-    def begin_step(self, rows: torch.Tensor, slot: torch.Tensor, t: int, gen_bias: torch.Tensor) -> None:
-        """Before a step: row r writes its new K/V at slot[r]; attention reads slots [0, t)."""
-        if t > self.k_buf.shape[2]:
-            grow = -(-(t - self.k_buf.shape[2]) // _SLOT_CHUNK) * _SLOT_CHUNK
-            self.k_buf = F.pad(self.k_buf, (0, 0, 0, grow))
-            self.v_buf = F.pad(self.v_buf, (0, 0, 0, grow))
-        self.rows, self.slot, self.t, self.gen_bias = rows, slot, t, gen_bias
-        self.used = max(self.used, t)
+    @property
+    def capacity(self) -> int:
+        return (self.k_all.shape[2] - self.prompt_len) // self.beams
+
+    def begin_step(self, write_user: torch.Tensor, write_pos: torch.Tensor, slots: int,
+                   mask: torch.Tensor) -> None:
+        """Before a step: the rows that run write their K/V at (write_user, write_pos); attention reads the
+        prompt and `slots` generated slots under `mask` (U, 1, K, P + slots * K)."""
+        if slots > self.capacity:
+            grow = -(-(slots - self.capacity) // _SLOT_CHUNK) * _SLOT_CHUNK * self.beams
+            self.k_all = F.pad(self.k_all, (0, 0, 0, grow))
+            self.v_all = F.pad(self.v_all, (0, 0, 0, grow))
+        self.write_user, self.write_pos, self.mask = write_user, write_pos, mask
+        self.length = self.prompt_len + slots * self.beams
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """key/value_states (R, H, 1, D) of the new token of every row -> the rows' generated K/V."""
-        self.k_buf[self.rows, :, self.slot] = key_states[:, :, 0]
-        self.v_buf[self.rows, :, self.slot] = value_states[:, :, 0]
-        return self.k_buf[:, :, : self.t], self.v_buf[:, :, : self.t]
+        """key/value_states (L, H, 1, D) of the rows that run -> every user's prompt + generated K/V."""
+        self.k_all[self.write_user, :, self.write_pos] = key_states[:, :, 0]
+        self.v_all[self.write_user, :, self.write_pos] = value_states[:, :, 0]
+        return self.k_all[:, :, : self.length], self.v_all[:, :, : self.length]
 
     def get_seq_length(self) -> int:
-        return self.prompt_keys.shape[2] + self.t
+        return self.length
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        return self.length + query_length, 0
 
-    def reorder_within_users(self, rows: torch.Tensor) -> None:
-        if self.used:
-            self.k_buf[:, :, : self.used] = self.k_buf[rows, :, : self.used]
-            self.v_buf[:, :, : self.used] = self.v_buf[rows, :, : self.used]
-
-    def select(self, users: torch.Tensor, rows: torch.Tensor) -> None:
-        """Keep `users` (indices into the current users) and the beam rows `rows` (theirs)."""
-        self.prompt_keys, self.prompt_values = self.prompt_keys[users], self.prompt_values[users]
-        U, H, P = self.prompt_keys.shape[:3]
-        self.prompt_bias = self.prompt_bias.view(-1, H, 1, P)[users].view(U * H, 1, P)
-        self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
+    def select(self, users: torch.Tensor) -> None:
+        """Keep `users` (indices into the current users)."""
+        self.k_all, self.v_all = self.k_all[users], self.v_all[users]
+        self.prompt_bias = self.prompt_bias[users]
 
     def extend(self, new: "BeamKV") -> None:
-        """Appends the users of `new` (left-padding the shorter prompt part to a common length)."""
-        p_old, p_new = self.prompt_keys.shape[2], new.prompt_keys.shape[2]
-        pad_old, pad_new = max(p_new - p_old, 0), max(p_old - p_new, 0)
-
-        def cat_prompt(a, b):
-            return torch.cat([F.pad(a, (0, 0, pad_old, 0)), F.pad(b, (0, 0, pad_new, 0))])
-
-        self.prompt_keys = cat_prompt(self.prompt_keys, new.prompt_keys)
-        self.prompt_values = cat_prompt(self.prompt_values, new.prompt_values)
-        self.prompt_bias = torch.cat([F.pad(self.prompt_bias, (pad_old, 0), value=NEG_INF),
-                                      F.pad(new.prompt_bias, (pad_new, 0), value=NEG_INF)])
-        cap = max(self.k_buf.shape[2], new.k_buf.shape[2])
-
-        def cat_gen(a, b):
-            return torch.cat([F.pad(a, (0, 0, 0, cap - a.shape[2])), F.pad(b, (0, 0, 0, cap - b.shape[2]))])
-
-        self.k_buf, self.v_buf = cat_gen(self.k_buf, new.k_buf), cat_gen(self.v_buf, new.v_buf)
+        """Appends the users of `new`, left-padding the shorter prompt part to a common length."""
+        P, cap = max(self.prompt_len, new.prompt_len), max(self.capacity, new.capacity)
+        # padding at the front shifts prompt and generated part alike: slots stay at P + s * K + k
+        pads = [(0, 0, P - layer.prompt_len, (cap - layer.capacity) * layer.beams) for layer in (self, new)]
+        self.k_all = torch.cat([F.pad(self.k_all, pads[0]), F.pad(new.k_all, pads[1])])
+        self.v_all = torch.cat([F.pad(self.v_all, pads[0]), F.pad(new.v_all, pads[1])])
+        self.prompt_bias = torch.cat([F.pad(self.prompt_bias, (pads[0][2], 0), value=NEG_INF),
+                                      F.pad(new.prompt_bias, (pads[1][2], 0), value=NEG_INF)])
+        self.prompt_len = P
 
 
 _ACTIVE_LAYERS: list | None = None   # the BeamKV layers of the search in progress (set around forwards)
@@ -159,13 +151,12 @@ _BEAM_ATTENTION = "latentr3_beam"
 def _beam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The HF-forward path's attention function: `attend_beams` behind transformers' AttentionInterface.
 
-    query (R, Hq, 1, D), key/value (R, Hk, t, D) (the generated part from `BeamKV.update`).
+    query (R, Hq, 1, D); key/value (U, Hk, S, D), every user's prompt + generated K/V from `BeamKV.update`.
     """
     layer = _ACTIVE_LAYERS[module.layer_idx]
     R, Hq, _, D = query.shape
     scaling = D ** -0.5 if scaling is None else scaling
-    out = attend_beams(query[:, :, 0], layer.prompt_keys, layer.prompt_values, layer.prompt_bias, key, value,
-                       layer.gen_bias, scaling)
+    out = attend_beams(query[:, :, 0], key, value, layer.mask, scaling)
     return out.view(R, 1, Hq, D), None
 
 
@@ -177,16 +168,29 @@ def _register_beam_attention() -> None:
     AttentionMaskInterface.register(_BEAM_ATTENTION, lambda *args, **kwargs: None)  # the prompt mask is ours
 
 
-def begin_beam_step(cache, slot: torch.Tensor, run: torch.Tensor) -> None:
-    """Prepares every BeamKV layer of `cache` for one step: beam row r writes its new K/V at slot[r] and
-    attends to its slots 0..slot[r] (rows of users admitted later have written fewer); only the rows
-    `run` write."""
-    R, t = slot.numel(), int(slot.max()) + 1
+def begin_beam_step(cache, fed: torch.Tensor, run: torch.Tensor, lineage: torch.Tensor | None = None) -> None:
+    """Prepares every BeamKV layer of `cache` for one step.
+
+    fed (U,): tokens each user's beams have generated so far; beam k of user u writes its new token's K/V
+    at slot fed[u], column k.  lineage (U, K, >= fed.max() + 1): the column of beam k's ancestor at each
+    slot (its own column k at slot fed[u]); None = beams were never reordered.  A beam attends to its
+    user's prompt and its ancestors' slots 0..fed[u].  Only the beam rows `run` (u * K + k) write.
+    """
     layers = cache.layers
-    gen_bias = torch.zeros(R, t, dtype=layers[0].k_buf.dtype, device=slot.device).masked_fill_(
-        torch.arange(t, device=slot.device)[None, :] > slot[:, None], NEG_INF).view(R, 1, 1, t)
+    K, P = layers[0].beams, layers[0].prompt_len
+    U, t, device = fed.numel(), int(fed.max()) + 1, fed.device
+    columns = torch.arange(K, device=device)
+    if lineage is None:
+        lineage = columns[None, :, None].expand(U, K, t)
+    written = torch.arange(t, device=device)[None, :] <= fed[:, None]                   # (U, t)
+    gen_ok = (lineage[:, :, :t, None] == columns) & written[:, None, :, None]            # (U, K, t, K)
+    gen_bias = torch.zeros(U, 1, K, t * K, dtype=layers[0].k_all.dtype, device=device).masked_fill_(
+        ~gen_ok.view(U, 1, K, t * K), NEG_INF)
+    mask = torch.cat([layers[0].prompt_bias.expand(U, 1, K, P), gen_bias], -1)          # (U, 1, K, P + tK)
+    user = torch.div(run, K, rounding_mode="floor")
+    pos = P + fed[user] * K + (run - user * K)
     for layer in layers:
-        layer.begin_step(run, slot[run], t, gen_bias)
+        layer.begin_step(user, pos, t, mask)
 
 
 class _HFForwardStep:
@@ -247,6 +251,7 @@ class _ActiveUsers:
         self.nodes = e            # (R,) trie node of each beam row, R = U * K
         self.sums = None          # (U, K) sum of the beams' log-probs (+ assistant scores); -inf = dead beam
         self.fed = e              # (U,) tokens generated and fed so far (equal for a user's beams)
+        self.lineage = None       # (U, K, slots) column of beam k's ancestor at each slot (BeamKV)
         self.base_pos = e         # (U,) position of the first generated token
         self.assistant = None     # AssistantScores of the active users (D3), or None
         self.logits = None        # (M, V') logits that score the rows' next tokens ...
@@ -327,6 +332,9 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
         act.users = torch.cat([act.users, new_users])
         act.nodes = torch.cat([act.nodes, nodes.view(-1)])
         act.fed = torch.cat([act.fed, torch.zeros(n, dtype=torch.long, device=device)])
+        lineage = torch.zeros(n, K, _SLOT_CHUNK if act.lineage is None else act.lineage.shape[2],
+                              dtype=torch.long, device=device)
+        act.lineage = lineage if act.lineage is None else torch.cat([act.lineage, lineage])
         act.base_pos = torch.cat([act.base_pos, prefix.next_position])
         act.logit_row = torch.cat([act.logit_row, logit_row])
         if scores is not None:
@@ -367,8 +375,8 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
         live = sums > NEG_INF
         next_nodes = torch.where(live, child.gather(1, pick), dead)
         next_tokens = torch.where(live, token.gather(1, pick), 0)
-        # a dead beam still needs a row of its own user: the prompt part of the cache is never re-copied
-        pick_src = torch.where(live, src.gather(1, pick), torch.arange(U, device=device)[:, None] * K)
+        # beam k continues beam perm[u, k] of its user (a dead beam: any, it does not run)
+        perm = torch.where(live, src.gather(1, pick) - torch.arange(U, device=device)[:, None] * K, 0)
 
         # a user is done when its pool is full and no live beam can still enter it
         bound = _upper_bound(sums, leaf_depth[next_nodes], length_penalty).masked_fill(~live, NEG_INF)
@@ -378,26 +386,31 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
         if progress is not None and n_keep < U:
             progress.update(U - n_keep)
         act.sums, act.nodes = sums, next_nodes.view(-1)
-        if n_keep == U:
-            for layer in act.cache.layers:
-                layer.reorder_within_users(pick_src.view(-1))
-        elif n_keep == 0:
+        if n_keep == 0:
             act = _ActiveUsers(device)
             continue
-        else:
+        if n_keep < U:
             kept = torch.nonzero(keep).view(-1)
+            perm = perm[kept]
             for layer in act.cache.layers:
-                layer.select(kept, pick_src[keep].view(-1))
+                layer.select(kept)
             act.users, act.sums, act.fed, act.base_pos = act.users[kept], sums[kept], act.fed[kept], act.base_pos[kept]
-            act.nodes, next_tokens = next_nodes[kept].view(-1), next_tokens[kept]
+            act.nodes, next_tokens, act.lineage = next_nodes[kept].view(-1), next_tokens[kept], act.lineage[kept]
             if act.assistant is not None:
                 act.assistant.log_mass = act.assistant.log_mass[kept]
+        # The KV never moves: a beam's ancestry says which column it reads at each earlier slot, and its
+        # new token goes to its own column k at slot fed[u].
+        act.lineage = act.lineage.gather(1, perm[:, :, None].expand_as(act.lineage))
+        if int(act.fed.max()) >= act.lineage.shape[2]:
+            act.lineage = F.pad(act.lineage, (0, _SLOT_CHUNK))
+        columns = torch.arange(K, device=device)
+        act.lineage[torch.arange(n_keep, device=device)[:, None], columns, act.fed[:, None]] = columns
 
         # ---- one token per live beam row: row r writes its K/V at slot fed[user] (position base_pos + fed)
         R = n_keep * K
         all_rows = torch.arange(R, device=device)
         run = torch.nonzero(live[keep].view(-1)).view(-1) if run_step.runs_row_subset else all_rows
-        begin_beam_step(act.cache, act.fed.repeat_interleave(K), run)
+        begin_beam_step(act.cache, act.fed, run, act.lineage)
         positions = (act.base_pos + act.fed).repeat_interleave(K)[run]
         act.logits = run_step(next_tokens.view(-1)[run], positions, run, R, act.cache)
         # row r's logits: its index among the rows that ran (a dead row's is never read: it has no edges)

@@ -31,36 +31,21 @@ def _base_model(backbone):
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 
 
-def attend_beams(query: torch.Tensor, prompt_keys: torch.Tensor, prompt_values: torch.Tensor,
-                 prompt_bias: torch.Tensor, gen_keys: torch.Tensor, gen_values: torch.Tensor,
-                 gen_bias: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention of one new token per beam over its user's prompt KV and its own generated KV.
+def attend_beams(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+    """Attention of one new token per beam over its user's prompt and its own generated tokens.
 
-    query (R, Hq, D) with R = U * K rows, user-major; prompt_keys/values (U, Hk, P, D) kept once per user
-    (contiguous); prompt_bias (U * Hk, 1, P): 0 at real prompt positions, -inf at padding; gen_keys/values
-    (R, Hk, t, D) including the new token; gen_bias (R, 1, 1, t): 0 at the slots the row has written,
-    -inf elsewhere.  Grouped-query attention folds the g = Hq / Hk query heads of a
-    key head into the query axis, so the prompt keys are never repeated.  One softmax runs over prompt +
-    generated positions.  The generated part is a broadcast multiply-sum rather than a matmul: it is a
-    batch of R * Hk products of a single query with t <= title length keys, where batched GEMM calls
-    were 3x slower on CPU.  Returns (R, Hq * D).
+    query (R, Hq, D), R = U * K beam rows, user-major; keys/values (U, Hk, S, D): each user's prompt KV
+    (once, shared by its K beams) followed by the generated KV of all its beams (`BeamKV`); mask
+    (U, 1, K, S) additive, 0 where beam k may read.  One fused SDPA call: the K beams of a user are its
+    K queries, grouped-query heads are left to SDPA (no repeated keys).  Returns (R, Hq * D).
     """
     R, Hq, D = query.shape
-    U, Hk, P, _ = prompt_keys.shape
-    K, g = R // U, Hq // Hk
-    query = query * scaling
-    # every query that reads key head h, for all beams of the user: (U * Hk, g * K, D)
-    q_user = query.view(U, K, Hk, g, D).permute(0, 2, 3, 1, 4).reshape(U * Hk, g * K, D)
-    s_prompt = torch.baddbmm(prompt_bias, q_user, prompt_keys.view(U * Hk, P, D).transpose(1, 2))
-    s_gen = (query.view(R, Hk, g, 1, D) * gen_keys[:, :, None]).sum(-1) + gen_bias          # (R, Hk, g, t)
-    t = s_gen.shape[-1]
-    s_gen = s_gen.view(U, K, Hk, g, t).permute(0, 2, 3, 1, 4).reshape(U * Hk, g * K, t)
-    w = torch.cat([s_prompt, s_gen], -1).softmax(-1)                                      # (U*Hk, gK, P+t)
-    out = torch.bmm(w[..., :P], prompt_values.view(U * Hk, P, D))                         # (U*Hk, gK, D)
-    out = out.view(U, Hk, g, K, D).permute(0, 3, 1, 2, 4).reshape(R, Hk, g, D)
-    w_gen = w[..., P:].reshape(U, Hk, g, K, t).permute(0, 3, 1, 2, 4).reshape(R, Hk, g, t, 1)
-    out = out + (w_gen * gen_values[:, :, None]).sum(-2)                                   # (R, Hk, g, D)
-    return out.reshape(R, Hq * D)
+    U = keys.shape[0]
+    q = query.view(U, R // U, Hq, D).transpose(1, 2)                                      # (U, Hq, K, D)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype), scale=scaling,
+                                         enable_gqa=Hq != keys.shape[1])
+    return out.transpose(1, 2).reshape(R, Hq * D)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -129,11 +114,10 @@ class LlamaFamilyStep:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            gen_k, gen_v = kv.update(k[:, :, None], v[:, :, None])                           # (R, Hk, t, Dh)
+            keys, values = kv.update(k[:, :, None], v[:, :, None])                           # (U, Hk, S, Dh)
             # attention runs on the user-major layout of all R rows (a dead row's query is 0, its output unused)
             q_all = q if L == R else q.new_zeros(R, *q.shape[1:]).index_copy_(0, rows, q)
-            a = attend_beams(q_all, kv.prompt_keys, kv.prompt_values, kv.prompt_bias, gen_k, gen_v, kv.gen_bias,
-                             self.scaling)
+            a = attend_beams(q_all, keys, values, kv.mask, self.scaling)
             x = x + attn.o_proj((a if L == R else a[rows]).to(x.dtype))
             x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
         return self.lm_head(self._norm(self.model.norm, x))
