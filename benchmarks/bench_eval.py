@@ -4,26 +4,30 @@ Run (jemalloc for stable timings; `apt-get install -y libjemalloc2`):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python benchmarks/bench_eval.py
 
-Options: --users 64 --batch 8 --beams 10 --rounds 3 --hidden 128 --layers 2 --vocab 8000 --threads 0
-(0 = torch default) --data ../shared/data/cds_and_vinyl --skip-memory.
+Options: --users 64 --batch 8 16 --beams 10 --rounds 3 --hidden 128 --layers 2 --vocab 8000 --threads 0
+(0 = torch default) --data ../shared/data/cds_and_vinyl --skip-memory --skip-check.
 
 Shape: a random-init tiny Qwen2 (hidden 128, 2 layers) with a BPE tokenizer (vocab 8000) trained on the
 CDs & Vinyl catalogue titles, one latent token, the "paper" prompt template, the first `--users` rows of
 test.csv, 10 beams, top-10, length penalty 1.0, fp32 on CPU.
 
-* ours: `latentr3.evaluation.evaluate.recommend_prompts` (prompt prefilled once, latent appended to the
-  KV cache, tensorised trie, exact stopping).
+* ours: `latentr3.evaluation.evaluate.recommend_prompts` (shared instruction prefix prefilled once, each
+  prompt once after it, latent appended to the KV cache, beams on one fused attention call per layer,
+  only live beams run, tensorised trie, exact stopping).
 * reference: `benchmarks/reference_decoder.py` (full forward for the latent, then HF `generate` over
   prompt embeddings + latent with beam search and a dict-based `prefix_allowed_tokens_fn`).
 
-Both see the same users in the same batches.  Before timing, the top-10 title lists are compared user by
-user, first against HF's default stopping (`early_stopping=False`, the authors' setting) and then against
-`early_stopping="never"`, where HF's stopping test is a true bound like ours; the benchmark fails if a
+Both see the same users, sorted by prompt length and cut into batches of the same size (ours admits the
+next users as a batch empties, eval.refill = 1.0).  Before timing (at the first batch size), the top-10
+title lists are compared user by user, first against HF's default stopping (`early_stopping=False`, the
+authors' setting) and then against `early_stopping="never"`, where HF's stopping test is a true bound like ours; the benchmark fails if a
 user's list differs in a way other than the one documented difference (HF only accepts a finished title
 that ranks within the step's top `num_beams` candidates; ours accepts finished titles from all 2 x
 num_beams candidates, so our list can only hold better-scoring titles, never worse ones).
 
-Timing: the two decoders alternate round by round in one process (ratio = median ours / median ref).
+Timing: the two decoders alternate round by round in one process, at every batch size in each round
+(ratio = median ref time / median ours time at the same batch size).  The last line compares each
+decoder at its own best batch size.
 Peak memory: each decoder runs once more in a fresh subprocess; reported is that process's peak RSS
 (VmHWM, reset through /proc/self/clear_refs right before decoding) minus its RSS at that moment (model,
 tokenizer, trie and prompts already loaded): the memory the decoder itself adds at its peak.
@@ -60,7 +64,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "cds_and_vinyl"))
     p.add_argument("--users", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 16],
+                   help="users decoded together; several values = one table row each (both decoders)")
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--hidden", type=int, default=128)
@@ -87,7 +92,7 @@ def setup(args):
     builder = PromptBuilder(tok, "paper", "CDs", 512, 1)
     trie = build_trie(catalogue, builder, output_vocab_size(model))
     prompts = [builder.prompt_ids(s.history_titles) for s in samples]
-    cfg = EvalConfig(batch_size=args.batch, num_beams=args.beams, top_k=args.beams, length_penalty=1.0)
+    cfg = EvalConfig(batch_size=args.batch[0], num_beams=args.beams, top_k=args.beams, length_penalty=1.0)
     return dict(model=model, tok=tok, builder=builder, trie=trie, prompts=prompts, cfg=cfg,
                 catalogue=catalogue)
 
@@ -132,7 +137,7 @@ def compare(ours, ref, label: str, tol: float = 1e-4) -> tuple[int, int]:
 def peak_memory(which: str, args) -> float:
     """MiB of peak RSS above the RSS after setup, measured in a fresh subprocess."""
     cmd = [sys.executable, __file__, "--memory-of", which, "--data", args.data, "--users", str(args.users),
-           "--batch", str(args.batch), "--beams", str(args.beams), "--hidden", str(args.hidden),
+           "--batch", str(args.batch[0]), "--beams", str(args.beams), "--hidden", str(args.hidden),
            "--layers", str(args.layers), "--vocab", str(args.vocab), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
     return json.loads(out.stdout.strip().splitlines()[-1])["delta_mib"]
@@ -168,33 +173,43 @@ def main(argv=None) -> None:
         return
     ctx = setup(args)
     n = len(ctx["prompts"])
-    print(f"{n} users, batch {args.batch}, {args.beams} beams, trie depth {ctx['trie'].max_depth}, "
-          f"vocab {output_vocab_size(ctx['model'])}, hidden {args.hidden} x {args.layers} layers, "
-          f"threads {torch.get_num_threads()}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}")
+    print(f"{n} users, batch {' '.join(map(str, args.batch))}, {args.beams} beams, trie depth "
+          f"{ctx['trie'].max_depth}, vocab {output_vocab_size(ctx['model'])}, hidden {args.hidden} x "
+          f"{args.layers} layers, threads {torch.get_num_threads()}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}")
     ref = make_ref(ctx)
     if not args.skip_check:
         ours = run_ours(ctx)
         for es in (False, "never"):
             same, better = compare(ours, run_ref(ctx, make_ref(ctx, es)), f"early_stopping={es}")
-            print(f"check vs HF early_stopping={es!r}: {same}/{n} identical top-{ctx['cfg'].top_k} lists, "
-                  f"{better} where ours holds better-scoring titles (HF drops finished titles ranked "
-                  f"below the step's top {args.beams})")
-    times = {"ours": [], "ref": []}
+            print(f"check vs HF early_stopping={es!r} (batch {args.batch[0]}): {same}/{n} identical "
+                  f"top-{ctx['cfg'].top_k} lists, {better} where ours holds better-scoring titles (HF drops "
+                  f"finished titles ranked below the step's top {args.beams})")
+    times = {(b, k): [] for b in args.batch for k in ("ours", "ref")}
     run_ours(ctx)  # warm-up
     for _ in range(args.rounds):
-        for name, fn in (("ours", lambda: run_ours(ctx)), ("ref", lambda: run_ref(ctx, ref))):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+        for b in args.batch:
+            ctx["cfg"].batch_size = b
+            for name, fn in (("ours", lambda: run_ours(ctx)), ("ref", lambda: run_ref(ctx, ref))):
+                t0 = time.perf_counter()
+                fn()
+                times[(b, name)].append(time.perf_counter() - t0)
+    ctx["cfg"].batch_size = args.batch[0]
     mem = {k: (None if args.skip_memory else peak_memory(k, args)) for k in ("ours", "ref")}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n| decoder | users/s (median of {args.rounds}) | s per round | peak RSS above setup (MiB) |")
+    speed = {k: n / statistics.median(v) for k, v in times.items()}
+    print(f"\n| batch | reference-style HF generate, users/s | ours, users/s | ours / reference "
+          f"(per-round ratios) |")
     print("|---|---|---|---|")
-    for k, label in (("ref", "reference-style HF generate"), ("ours", "ours (constrained_beam_search)")):
-        m = "n/a" if mem[k] is None else f"{mem[k]:.0f}"
-        print(f"| {label} | {n / med[k]:.1f} | {' '.join(f'{t:.2f}' for t in times[k])} | {m} |")
-    print(f"\nspeed-up ours / reference: {med['ref'] / med['ours']:.1f}x "
-          f"(per-round ratios {' '.join(f'{r / o:.1f}' for o, r in zip(times['ours'], times['ref']))})")
+    for b in args.batch:
+        rounds = " ".join(f"{r / o:.1f}" for o, r in zip(times[(b, 'ours')], times[(b, 'ref')]))
+        print(f"| {b} | {speed[(b, 'ref')]:.1f} | {speed[(b, 'ours')]:.1f} | "
+              f"{speed[(b, 'ours')] / speed[(b, 'ref')]:.1f}x ({rounds}) |")
+    best = {k: max(args.batch, key=lambda b: speed[(b, k)]) for k in ("ours", "ref")}
+    print(f"\neach at its best batch size: ours {speed[(best['ours'], 'ours')]:.1f} users/s (batch "
+          f"{best['ours']}) / reference {speed[(best['ref'], 'ref')]:.1f} users/s (batch {best['ref']}) = "
+          f"{speed[(best['ours'], 'ours')] / speed[(best['ref'], 'ref')]:.1f}x")
+    if not args.skip_memory:
+        print(f"peak RSS above setup at batch {args.batch[0]}: ours {mem['ours']:.0f} MiB, "
+              f"reference {mem['ref']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class BeamResult:
 def _normalise(sums: torch.Tensor, length: int | torch.Tensor, length_penalty: float) -> torch.Tensor:
     if length_penalty == 0:
         return sums
-    return sums / (torch.as_tensor(length, dtype=sums.dtype, device=sums.device) ** length_penalty)
+    length = torch.as_tensor(length, dtype=sums.dtype, device=sums.device)
+    return sums / (length if length_penalty == 1 else length ** length_penalty)
 
 
 def _upper_bound(sums: torch.Tensor, max_final_len: torch.Tensor, length_penalty: float) -> torch.Tensor:

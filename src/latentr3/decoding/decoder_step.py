@@ -112,8 +112,9 @@ class LlamaFamilyStep:
             v = attn.v_proj(h).view(L, -1, Dh)
             if hasattr(attn, "q_norm"):   # Qwen3: per-head RMSNorm before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qk = torch.cat([q, k], 1)     # one rotation for both
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, : q.shape[1]], qk[:, q.shape[1]:]
             keys, values = kv.update(k[:, :, None], v[:, :, None])                           # (U, Hk, S, Dh)
             # attention runs on the user-major layout of all R rows (a dead row's query is 0, its output unused)
             q_all = q if L == R else q.new_zeros(R, *q.shape[1:]).index_copy_(0, rows, q)
