@@ -282,6 +282,8 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
     """
     K, V, N = num_beams, trie.vocab_size, len(prompts)
     device = model.device
+    if trie.row_ptr.device != device:
+        trie = trie.to(device)
     run_step = LlamaFamilyStep(model.backbone) if fast_step and LlamaFamilyStep.supports(model.backbone) \
         else _HFForwardStep(model)
     leaf_depth = trie.subtree_max_depth                                    # (num_nodes,)

@@ -40,12 +40,13 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 4096) -> PreTrained
 
 
 def tiny_qwen2(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0,
-               max_positions: int = 2048):
+               max_positions: int = 2048, kv_heads: int | None = None):
+    """A randomly initialised Qwen2 of the given shape (kv_heads < heads: grouped-query attention)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=max_positions,
         tie_word_embeddings=True, rope_theta=10000.0, use_cache=True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
