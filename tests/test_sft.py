@@ -111,7 +111,7 @@ def test_short_sft_lowers_validation_loss(full_run, tmp_path):
     # The best checkpoint's loss, recomputed outside the recipe, is the best one logged.
     assert after == pytest.approx(min(r["valid_loss"] for r in valid), rel=1e-4)
     done = json.loads((out / "done.json").read_text())
-    assert done["steps"] == 3 * STEPS_PER_EPOCH and done["train_rows"] == 400
+    assert done["steps"] == 3 * STEPS_PER_EPOCH and done["train_rows"] == 400 and done["epochs"] == 3
     assert done["best_valid_loss"] == pytest.approx(after, rel=1e-4)
     # A completed run is not redone.
     assert train_sft(cfg) == best

@@ -472,7 +472,9 @@ def train_grpo(cfg: Config) -> Path:
         if not (best_dir / "latentr3.json").exists():
             model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step})
             save_catalogue_copy(best_dir, catalogue)
-        summary = {"steps": state.step, "epochs": state.epoch, "train_rows": len(train_set),
+        # epochs done, counting a partial last one (a max_steps stop mid-epoch)
+        epochs = round(state.epoch + state.batches_in_epoch / max(steps_per_epoch, 1), 3)
+        summary = {"steps": state.step, "epochs": epochs, "train_rows": len(train_set),
                    "best_valid_ndcg10": None if math.isinf(state.best) else -state.best,
                    "train_seconds": state.elapsed, "processes": world}
         (out / "done.json").write_text(json.dumps(summary, indent=2))

@@ -226,7 +226,9 @@ def train_sft(cfg: Config) -> Path:
             evaluate_and_keep_best()
     state.elapsed += time.time() - start
     if accelerator.is_main_process:
-        summary = {"steps": state.step, "epochs": state.epoch, "best_valid_loss": state.best,
+        # epochs done, counting a partial last one (a max_steps stop mid-epoch)
+        epochs = round(state.epoch + state.batches_in_epoch / max(len(train_loader), 1), 3)
+        summary = {"steps": state.step, "epochs": epochs, "best_valid_loss": state.best,
                    "train_seconds": state.elapsed, "train_rows": len(train_set),
                    "processes": accelerator.num_processes}
         (out / "done.json").write_text(json.dumps(summary, indent=2))
