@@ -239,3 +239,21 @@ def test_assistant_changes_the_ranking():
     with_assistant = beam_search_prompts(model, trie, prompts, tok.pad_token_id, assistant=assistant, **kw)
     plain = beam_search_prompts(model, trie, prompts, tok.pad_token_id, **kw)
     assert with_assistant.titles != plain.titles
+
+
+def test_fast_step_runs_lora_layers_like_the_backbone_forward():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, builder, cat = make(1, seed=9)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    model.backbone = get_peft_model(model.backbone, lora)    # random, non-zero adapters
+    assert LlamaFamilyStep.supports(model.backbone)
+    trie = build_trie(cat, builder, output_vocab_size(model))
+    ids, mask = left_pad([builder.prompt_ids(h) for h in HISTORIES], tok.pad_token_id)
+    fast = constrained_beam_search(model, trie, ids, mask, num_beams=5, top_k=5)
+    slow = constrained_beam_search(model, trie, ids, mask, num_beams=5, top_k=5, fast_step=False)
+    model.backbone.disable_adapter_layers()
+    plain = constrained_beam_search(model, trie, ids, mask, num_beams=5, top_k=5)
+    assert fast.titles == slow.titles and fast.titles != plain.titles
+    for a, b in zip(fast.scores, slow.scores):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)

@@ -1,17 +1,20 @@
 """One beam-search step (one new token per beam) through a Llama-family decoder, without HF's model wrapper.
 
-Why by hand: a beam step runs one token for every beam row, so on small and mid-sized backbones its cost
-is dominated by per-call overhead, not arithmetic.  Going through `model(...)` for every step pays for
-the output-capturing and kwargs plumbing, mask construction, and an attention-implementation dispatch
-per layer; at the tiny CPU shape (hidden 128, 2 layers) that was about half of a step.  This step calls
-the backbone's own sub-modules (projections, MLP, rotary embedding, norms, LM head: the checkpoint's
-weights and, under peft, its LoRA layers) and replaces only the glue between them:
+Why by hand: a step should run only the beam rows that are alive (right after a user starts, 9 of its 10
+beams are empty; a third of all rows at the CDs benchmark shape), while the attention needs every row in
+the user-major layout of `BeamKV`.  The backbone's forward runs whatever rows it is given, so this step
+calls the backbone's own sub-modules (projections, MLP, rotary embedding, norms, LM head: the
+checkpoint's weights and, under peft, its LoRA layers) on the live rows and does only the glue itself:
 
-* RMSNorm as one fused `torch.rms_norm` call instead of six element-wise ops (fp32 models; other dtypes
-  call the backbone's own norm module so the rounding matches training);
-* the attention of the new token over its user's shared prompt KV + its own generated KV
-  (`attend_beams`), without repeating key/value heads for grouped-query attention;
-* the K/V written straight into the `BeamKV` buffers.
+* the attention of the new token over its user's prompt KV and its beam's own generated KV
+  (`attend_beams`, one fused SDPA call per layer, no key/value heads repeated for grouped-query
+  attention), with the dead rows' queries set to zero;
+* the K/V written straight into the `BeamKV` buffers;
+* RMSNorm through `torch.nn.functional.rms_norm` for fp32 models (other dtypes call the backbone's own
+  norm module so the rounding matches training).
+
+It also skips HF's per-call plumbing (output capturing, mask construction, attention dispatch): 143k ->
+63k Python calls per benchmark round, a small share of the time at the tiny CPU shape.
 
 Supported: decoders laid out as Llama (Llama, Mistral without sliding window, Qwen2/Qwen2.5, Qwen3 with
 its q/k norms, SmolLM).  `LlamaFamilyStep.supports(backbone)` says whether a backbone qualifies; beam
