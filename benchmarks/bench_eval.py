@@ -223,8 +223,8 @@ def main(argv=None) -> None:
         return
     mem = {k: (None if args.skip_memory else peak_memory(k, args)) for k in ("ours", "ref")}
     speed = {k: n / statistics.median(v) for k, v in times.items()}
-    print(f"\n| batch | reference-style HF generate, users/s | ours, users/s | ours / reference "
-          f"(per-round ratios) |")
+    print("\n| batch | reference-style HF generate, users/s | ours, users/s | ours / reference "
+          "(per-round ratios) |")
     print("|---|---|---|---|")
     for b in args.batch:
         rounds = " ".join(f"{r / o:.1f}" for o, r in zip(times[(b, 'ours')], times[(b, 'ref')]))

@@ -29,7 +29,6 @@ import time
 import torch
 
 from latentr3.config import GRPOConfig
-from latentr3.model.latent_lm import gather_logprobs, positions_from_mask
 from latentr3.training.advantages import compute_advantages, perplexity_reward
 
 
@@ -38,46 +37,18 @@ def _expand(batch: dict, G: int) -> dict:
     return {k: v.repeat_interleave(G, dim=0) for k, v in batch.items() if k != "index"}
 
 
-def reference_latents(model, prompt_ids, prompt_mask, noise):
-    """Full forward(s) over the prompt (and earlier latents) -> prompt + noisy latent embeddings."""
-    emb = model.backbone.get_input_embeddings()
-    seq, mask = emb(prompt_ids), prompt_mask
-    for i in range(model.num_latent):
-        pos = positions_from_mask(mask)
-        out = model.backbone(inputs_embeds=seq, attention_mask=mask, position_ids=pos,
-                             output_hidden_states=True, use_cache=False)
-        h = out.hidden_states[-1]
-        r = model.latent_ratt(h, pos, mask.bool(), h[:, -1], pos[:, -1]) + noise[:, i]
-        seq = torch.cat([seq, r[:, None].to(seq.dtype)], 1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-    return seq, mask
-
-
-def reference_logprobs(model, seq, mask, target_ids, target_mask):
-    """Full forward over prompt + latents + target -> per-token target log-probs (pads zeroed)."""
-    emb = model.backbone.get_input_embeddings()
-    L = seq.shape[1]
-    full = torch.cat([seq, emb(target_ids)], 1)
-    full_mask = torch.cat([mask, target_mask], 1)
-    out = model.backbone(inputs_embeds=full, attention_mask=full_mask,
-                         position_ids=positions_from_mask(full_mask), use_cache=False)
-    logits = out.logits[:, L - 1: L - 1 + target_ids.shape[1]]
-    return gather_logprobs(logits, target_ids) * target_mask
-
-
 def reference_rollout(model, batch, noise, G):
     """(expanded batch, old log-probs, rewards (P, G)) with two full forwards per sample."""
     x = _expand(batch, G)
     noise = noise.reshape(-1, *noise.shape[-2:])
     with torch.no_grad():
-        seq, mask = reference_latents(model, x["prompt_ids"], x["prompt_mask"], noise)
-        old = reference_logprobs(model, seq, mask, x["target_ids"], x["target_mask"])
+        old = model.two_pass_target_logprobs(x["prompt_ids"], x["prompt_mask"], x["target_ids"], x["target_mask"],
+                                             noise)
     return x, noise, old, perplexity_reward(old, x["target_mask"]).view(-1, G)
 
 
 def reference_policy_loss(model, x, noise, old, adv, g: GRPOConfig):
-    seq, mask = reference_latents(model, x["prompt_ids"], x["prompt_mask"], noise)
-    logp = reference_logprobs(model, seq, mask, x["target_ids"], x["target_mask"])
+    logp = model.two_pass_target_logprobs(x["prompt_ids"], x["prompt_mask"], x["target_ids"], x["target_mask"], noise)
     tm = x["target_mask"].to(logp.dtype)
     ratio = torch.exp(logp - old)
     a = adv[:, None]

@@ -160,8 +160,8 @@ def main(argv=None):
             profile(model, optimizer, batches, "two_pass")
 
     print()
-    print(f"| template | prompt tok (mean) | target tok (mean) | single-pass samples/s | two-pass samples/s "
-          f"| ratio | per-block ratio min..max | max |logp diff| |")
+    print("| template | prompt tok (mean) | target tok (mean) | single-pass samples/s | two-pass samples/s "
+          "| ratio | per-block ratio min..max | max |logp diff| |")
     print("|---|---|---|---|---|---|---|---|")
     for template, ptok, ttok, res, maxdiff in results:
         s, s_blocks = res["single"]

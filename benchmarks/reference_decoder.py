@@ -3,7 +3,7 @@
 For each batch of users:
 
 1. one full forward over the (left-padded) prompt, no cache, to get the final hidden states; the latent
-   thought is LatentRATT over them (exactly as `LatentR3Model.two_pass_target_logprobs` does; repeated
+   thought is LatentRATT over them (`LatentR3Model.two_pass_inputs`, as in `two_pass_target_logprobs`; repeated
    once per latent slot, each time over prompt + earlier latents);
 2. Hugging Face `generate(inputs_embeds=prompt embeddings + latent(s), ...)` with beam search
    (num_beams = num_return_sequences = 10, length_penalty 1.0, max_new_tokens = trie depth), which runs
@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import torch
 
-from latentr3.model.latent_lm import LatentR3Model, left_pad, positions_from_mask
+from latentr3.model.latent_lm import LatentR3Model, left_pad
 
 
 def build_prefix_table(sequences: dict[str, list[int]]) -> tuple[dict[tuple, list[int]], dict[tuple, str]]:
@@ -52,24 +52,9 @@ class ReferenceDecoder:
         # A prefix outside the table can only belong to a beam already at -inf: give it EOS.
         return self.allowed.get(tuple(sent.tolist()), [self.eos_id])
 
-    def latent_inputs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        """Pass 1: full forward(s) over the prompt -> (prompt + latent embeddings, mask)."""
-        m = self.model
-        emb = m.backbone.get_input_embeddings()
-        seq, mask = emb(prompt_ids), prompt_mask
-        for _ in range(m.num_latent):
-            pos = positions_from_mask(mask)
-            out = m.backbone(inputs_embeds=seq, attention_mask=mask, position_ids=pos,
-                             output_hidden_states=True, use_cache=False)
-            h = out.hidden_states[-1]
-            r = m.latent_ratt(h, pos, mask.bool(), h[:, -1], pos[:, -1])
-            seq = torch.cat([seq, r[:, None].to(seq.dtype)], 1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        return seq, mask
-
     @torch.no_grad()
     def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[tuple[list[str], list[float]]]:
-        seq, mask = self.latent_inputs(prompt_ids, prompt_mask)
+        seq, mask = self.model.two_pass_inputs(prompt_ids, prompt_mask)   # pass 1: full forward(s)
         out = self.model.backbone.generate(
             inputs_embeds=seq, attention_mask=mask, num_beams=self.num_beams,
             num_return_sequences=self.num_beams, length_penalty=self.length_penalty,

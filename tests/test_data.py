@@ -6,7 +6,6 @@ import ast
 import csv
 import importlib.util
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path

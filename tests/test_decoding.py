@@ -129,7 +129,7 @@ def test_fast_step_logits_equal_the_backbone_forward():
         step = LlamaFamilyStep(model.backbone)
         for i, (rows, slot) in enumerate([([0], [0, 0]), ([0], [1, 0]), ([0, 1], [2, 0])]):
             rows, slot = torch.tensor(rows), torch.tensor(slot)
-            begin_beam_step(cache, slot, rows)
+            begin_beam_step(cache, slot, rows, torch.zeros(2, 1, 3, dtype=torch.long))   # one beam: column 0
             tokens = torch.tensor([fed[0][i]] + ([fed[1][0]] if len(rows) == 2 else []))
             logits = step(tokens, (prefix.next_position + slot)[rows], rows, 2, cache)
         assert torch.allclose(logits[0], want[0], atol=1e-5), num_latent

@@ -28,7 +28,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from latentr3.data.sequences import InteractionLog, select_core, split_bounds, write_dataset
+from latentr3.data.sequences import (AMAZON_COLUMNS, CATALOGUE_NAME, SPLIT_NAMES, STATS_NAME, InteractionLog,
+                                     select_core, split_bounds, write_dataset)
 
 __all__ = [
     "RECBOLE_INSTALL_HINT",
@@ -44,20 +45,8 @@ __all__ = [
 ]
 
 RECBOLE_INSTALL_HINT = "pip install --no-deps recbole==1.2.1"
-SPLIT_NAMES = ("train", "valid", "test")
-CATALOGUE_NAME = "info.txt"
-STATS_NAME = "stats.json"
-SPLIT_COLUMNS = (
-    "user_id",
-    "history_item_id",
-    "item_id",
-    "history_item_title",
-    "item_title",
-    "history_rating",
-    "rating",
-    "history_timestamp",
-    "timestamp",
-)
+# the released Amazon columns without the Amazon item keys
+SPLIT_COLUMNS = tuple(c for c in AMAZON_COLUMNS if c not in ("item_asins", "item_asin"))
 _YEAR = re.compile(r"^\d{4}$")
 
 

@@ -249,25 +249,22 @@ class InteractionLog:
         self._time = array("d")
         self._rating = array("d")
 
+    @staticmethod
+    def _intern(keys: list[str], index: dict[str, int], key: str) -> int:
+        i = index.get(key)
+        if i is None:
+            i = index[key] = len(keys)
+            keys.append(key)
+        return i
+
     def intern_item(self, key: str) -> int:
-        index = self.item_index.get(key)
-        if index is None:
-            index = self.item_index[key] = len(self.item_keys)
-            self.item_keys.append(key)
-        return index
+        return self._intern(self.item_keys, self.item_index, key)
 
     def intern_user(self, key: str) -> int:
-        index = self.user_index.get(key)
-        if index is None:
-            index = self.user_index[key] = len(self.user_keys)
-            self.user_keys.append(key)
-        return index
+        return self._intern(self.user_keys, self.user_index, key)
 
     def add(self, user: str, item: int, time: float, rating: float) -> None:
-        index = self.user_index.get(user)
-        if index is None:
-            index = self.user_index[user] = len(self.user_keys)
-            self.user_keys.append(user)
+        index = self.intern_user(user)
         self._user.append(index)
         self._item.append(item)
         self._time.append(time)

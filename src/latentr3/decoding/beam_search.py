@@ -169,20 +169,18 @@ def _register_beam_attention() -> None:
     AttentionMaskInterface.register(_BEAM_ATTENTION, lambda *args, **kwargs: None)  # the prompt mask is ours
 
 
-def begin_beam_step(cache, fed: torch.Tensor, run: torch.Tensor, lineage: torch.Tensor | None = None) -> None:
+def begin_beam_step(cache, fed: torch.Tensor, run: torch.Tensor, lineage: torch.Tensor) -> None:
     """Prepares every BeamKV layer of `cache` for one step.
 
     fed (U,): tokens each user's beams have generated so far; beam k of user u writes its new token's K/V
     at slot fed[u], column k.  lineage (U, K, >= fed.max() + 1): the column of beam k's ancestor at each
-    slot (its own column k at slot fed[u]); None = beams were never reordered.  A beam attends to its
-    user's prompt and its ancestors' slots 0..fed[u].  Only the beam rows `run` (u * K + k) write.
+    slot (its own column k at slot fed[u]).  A beam attends to its user's prompt and its ancestors'
+    slots 0..fed[u].  Only the beam rows `run` (u * K + k) write.
     """
     layers = cache.layers
     K, P = layers[0].beams, layers[0].prompt_len
     U, t, device = fed.numel(), int(fed.max()) + 1, fed.device
     columns = torch.arange(K, device=device)
-    if lineage is None:
-        lineage = columns[None, :, None].expand(U, K, t)
     written = torch.arange(t, device=device)[None, :] <= fed[:, None]                   # (U, t)
     gen_ok = (lineage[:, :, :t, None] == columns) & written[:, None, :, None]            # (U, K, t, K)
     gen_bias = torch.zeros(U, 1, K, t * K, dtype=layers[0].k_all.dtype, device=device).masked_fill_(

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .latent_ratt import LatentRATT
@@ -198,26 +197,38 @@ class LatentR3Model(nn.Module):
         return self.target_logprobs(prefix, target_ids) * target_mask
 
     # ------------------------------------------------------------------ reference two-pass design
-    def two_pass_target_logprobs(self, prompt_ids, prompt_mask, target_ids, target_mask) -> torch.Tensor:
+    def two_pass_target_logprobs(self, prompt_ids, prompt_mask, target_ids, target_mask,
+                                 noise: torch.Tensor | None = None) -> torch.Tensor:
         """The reference design: a full forward per latent, then one more over prompt+latents+target.
 
         Kept as the specification the single-pass path must match (tests) and as the benchmark baseline.
-        The latent slots hold the placeholder token's embedding until replaced by the computed latent.
         """
+        seq, mask = self.two_pass_inputs(prompt_ids, prompt_mask, noise)
+        return self.two_pass_score(seq, mask, target_ids, target_mask)
+
+    def two_pass_inputs(self, prompt_ids, prompt_mask, noise: torch.Tensor | None = None):
+        """Reference pass 1: a full forward over the prompt (and earlier latents) per latent ->
+        (prompt + latent embeddings, mask).  `noise` (B, N, D) is added to each latent as in `think`."""
         B = prompt_ids.shape[0]
-        emb = self.backbone.get_input_embeddings()
-        seq_embeds = emb(prompt_ids)
+        seq = self.backbone.get_input_embeddings()(prompt_ids)
         mask = prompt_mask
-        for _ in range(self.num_latent):
+        for i in range(self.num_latent):
             pos = positions_from_mask(mask)
-            out = self.backbone(inputs_embeds=seq_embeds, attention_mask=mask, position_ids=pos,
+            out = self.backbone(inputs_embeds=seq, attention_mask=mask, position_ids=pos,
                                 output_hidden_states=True, use_cache=False)
             h = out.hidden_states[-1]
             r = self.latent_ratt(h, pos, mask.bool(), h[:, -1], pos[:, -1])
-            seq_embeds = torch.cat([seq_embeds, r[:, None].to(seq_embeds.dtype)], 1)
+            if noise is not None:
+                r = r + noise[:, i].to(r.dtype)
+            seq = torch.cat([seq, r[:, None].to(seq.dtype)], 1)
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        L = seq_embeds.shape[1]
-        full = torch.cat([seq_embeds, emb(target_ids)], 1)
+        return seq, mask
+
+    def two_pass_score(self, seq, mask, target_ids, target_mask) -> torch.Tensor:
+        """Reference pass 2: a full forward over `seq` (prompt + latents) + target -> per-token target
+        log-probs (B, T), padding zeroed."""
+        L = seq.shape[1]
+        full = torch.cat([seq, self.backbone.get_input_embeddings()(target_ids)], 1)
         full_mask = torch.cat([mask, target_mask], 1)
         out = self.backbone(inputs_embeds=full, attention_mask=full_mask,
                             position_ids=positions_from_mask(full_mask), use_cache=False)
