@@ -261,10 +261,12 @@ def test_micro_batch_invariance_and_only_latent_ratt_trains(setup):
         results.append((st["advantages"], {n: p.detach().clone() for n, p in model.latent_ratt.named_parameters()}))
     adv0, w0 = results[0]
     assert not torch.allclose(w0["q_proj.weight"], load(ckpt)[0].latent_ratt.q_proj.weight)
+    # fp32 with different padded shapes per micro-batch size: the rewards (perplexities in the
+    # hundreds on this random model) agree to ~1e-7 relative, so the advantages to ~1e-5 absolute
     for adv, w in results[1:]:
-        assert torch.allclose(adv, adv0, atol=1e-6)
+        assert torch.allclose(adv, adv0, atol=2e-5), (adv - adv0).abs().max()
         for n in w0:
-            assert torch.allclose(w[n], w0[n], atol=1e-6), n
+            assert torch.allclose(w[n], w0[n], atol=1e-5), (n, (w[n] - w0[n]).abs().max())
 
 
 def test_a_few_steps_raise_the_reward(setup):

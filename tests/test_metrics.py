@@ -8,7 +8,6 @@ import pytest
 from latentr3.evaluation.metrics import (
     DEFAULT_KS,
     compute_metrics,
-    format_markdown_table,
     item_hits,
     legacy_hits,
     popularity_ranking,
@@ -79,19 +78,6 @@ def test_popularity_ranking_ties_by_first_occurrence():
     assert popularity_ranking(src, 10) == ["b", "a", "c", "d", "e"]
     assert popularity_ranking(src, 2) == ["b", "a"]
     assert popularity_ranking([], 3) == []
-
-
-def test_format_markdown_table():
-    m = compute_metrics([["a", "b"]], ["b"], {"a": 1, "b": 2}, ks=(1, 3))
-    table = format_markdown_table({"pop|ular": m, "empty": {}}, ks=(1, 3))
-    lines = table.strip().splitlines()
-    assert lines[0] == "| method | HR@1 | HR@3 | NDCG@1 | NDCG@3 |"
-    assert lines[2] == f"| pop\\|ular | 0.0000 | 1.0000 | 0.0000 | {1 / math.log2(3):.4f} |"
-    assert lines[3] == "| empty | - | - | - | - |"
-    item = format_markdown_table({"pop": m}, ks=(3,), protocol="item").strip().splitlines()
-    assert item[2] == "| pop | 0.5000 | 0.3155 |"
-    with pytest.raises(ValueError):
-        format_markdown_table({}, protocol="title")
 
 
 def _target_titles(path: Path) -> list[str]:

@@ -160,6 +160,11 @@ class EvalConfig:
     # mass below the beam's node).  Weight 0 = plain LLM decoding.
     assistant: str = ""
     assistant_weight: float = 1.0
+    # Uncertainty of every table (evaluation/stats.py): bootstrap resamples of the test users (also the
+    # permutations of the paired sign-flip test), their seed, and the interval's level.
+    bootstrap: int = 1000
+    bootstrap_seed: int = 0
+    ci_level: float = 0.95
 
 
 @dataclass
@@ -259,6 +264,12 @@ class RunConfig:
     # Also evaluate the final LatentR3 model under the d3 decoding preset (assistant: eval.assistant,
     # or the run's SASRec).
     d3: bool = False
+    # Training seeds: empty = one run with the seeds of the config (sft.seed, grpo.seed, ...) in
+    # output_dir itself; [0, 1, 2] = every training stage once per seed in output_dir/seed_<s>/ (the seed
+    # sets sft.seed, grpo.seed, sasrec.seed and model.init_seed: data order and subsets, initialisation,
+    # GRPO noise), all evaluated on the same test rows; the table reports mean ± sd over seeds beside the
+    # bootstrap interval.  Finished seeds are skipped like finished stages.
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -10,7 +10,8 @@ has completed and resumed when it was interrupted:
     grpo/            latent GRPO on sft/best (stage 2)
     sasrec/          the SASRec baseline over item ids (run.sasrec; also the D3 assistant)
     eval/<row>/      constrained beam search on the test split, per model
-    results.md, results.json, *.png
+    seed_<s>/        with run.seeds: all of the training stages and eval/ above, once per seed
+    results.md, results.json, *.png  (intervals, paired tests, popularity groups: evaluation/report.py)
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from pathlib import Path
 
 from .config import Config, save_config
 from .data.dataset import data_dir, load_catalogue, load_split, subsample
-from .evaluation.metrics import format_markdown_table
 
 
 def _stage_cfg(cfg: Config, **sections) -> Config:
@@ -35,44 +35,38 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _eval_stage(cfg: Config, ckpt: Path, out: Path) -> dict:
-    from .evaluation.evaluate import run_eval
-
-    if (out / "summary.json").exists():
-        return _read_json(out / "summary.json")
-    return run_eval(_stage_cfg(cfg, eval__model=str(ckpt), eval__output_dir=str(out), eval__split="test"))
-
-
-def run_pipeline(cfg: Config) -> dict:
+def _eval_stage(cfg: Config, ckpt: Path, out: Path) -> tuple[dict, list[list[str]]]:
+    """The test evaluation of one checkpoint (skipped when done) and its lists, in test-row order."""
     from accelerate import PartialState
 
-    from .evaluation.evaluate import popularity_metrics
+    from .evaluation.evaluate import run_eval
+
+    if not (out / "summary.json").exists():
+        run_eval(_stage_cfg(cfg, eval__model=str(ckpt), eval__output_dir=str(out), eval__split="test"))
+    PartialState().wait_for_everyone()  # the main process wrote the files
+    records = [json.loads(line) for line in (out / "recommendations.jsonl").read_text().splitlines() if line]
+    records.sort(key=lambda r: r["index"])
+    return _read_json(out / "summary.json"), [r["predicted"] for r in records]
+
+
+def _seeded(cfg: Config, seed: int | None) -> Config:
+    if seed is None:
+        return cfg
+    return _stage_cfg(cfg, sft__seed=seed, grpo__seed=seed, sasrec__seed=seed, model__init_seed=seed)
+
+
+def _train_and_eval(cfg: Config, root: Path, splits: dict, state) -> dict[str, dict]:
+    """Every training stage of one seed under `root`, each model evaluated on the test split.
+
+    Returns {row name: {"lists": top-K lists per test row, "summary": eval summary, "train_seconds"}}."""
     from .training.sft import train_sft
 
-    state = PartialState()
-    root = Path(cfg.run.output_dir)
-    if state.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, root / "config.yaml")
-
-    # --- data
-    catalogue = load_catalogue(cfg.data)
-    splits = {name: load_split(cfg.data, name, catalogue) for name in ("train", "valid", "test")}
-    if state.is_main_process:
-        (root / "data").mkdir(exist_ok=True)
-        (root / "data" / "summary.json").write_text(json.dumps(
-            {"dir": str(data_dir(cfg.data)), "items": len(catalogue),
-             "distinct_titles": len(set(catalogue.titles)),
-             **{f"{k}_rows": len(v) for k, v in splits.items()}}, indent=2))
-
-    # --- training stages
     timings: dict[str, float] = {}
     models: dict[str, Path] = {}
     if cfg.run.no_latent_baseline:
-        models["SFT w/o latent (BIGRec-style)"] = train_sft(_stage_cfg(
+        models[NO_LATENT] = train_sft(_stage_cfg(
             cfg, sft__output_dir=str(root / "sft_no_latent"), model__num_latent=0))
-        timings["SFT w/o latent (BIGRec-style)"] = _read_json(root / "sft_no_latent" / "done.json").get(
-            "train_seconds", 0.0)
+        timings[NO_LATENT] = _read_json(root / "sft_no_latent" / "done.json").get("train_seconds", 0.0)
     sft_best = train_sft(_stage_cfg(cfg, sft__output_dir=str(root / "sft")))
     sft_time = _read_json(root / "sft" / "done.json").get("train_seconds", 0.0)
     models["latent SFT (stage 1)"] = sft_best
@@ -108,55 +102,108 @@ def run_pipeline(cfg: Config) -> dict:
         d3_models = {}
 
     # --- evaluation on the test split
-    e = cfg.eval
-    test_rows = subsample(splits["test"], e.sample, e.seed)  # the rows run_eval scores
-    rows: dict[str, dict] = {
-        "popularity, all-time (train targets)": popularity_metrics(splits["train"], test_rows, catalogue, e),
-        "popularity, recent (valid targets)": popularity_metrics(splits["valid"], test_rows, catalogue, e),
-    }
-    extra: dict[str, dict] = {}
+    rows: dict[str, dict] = {}
 
-    def add_row(name: str, summary: dict, train_seconds: float | None) -> None:
-        rows[name] = summary["metrics"]
-        ups = summary.get("users_per_second")
-        extra[name] = {"ms_per_user": 1000.0 / ups if ups else None, "train_seconds": train_seconds}
+    def add_row(name: str, evaluated: tuple[dict, list], train_seconds: float | None) -> None:
+        summary, lists = evaluated
+        rows[name] = {"lists": lists, "summary": summary, "train_seconds": train_seconds}
     for i, (name, ckpt) in enumerate(models.items()):
-        summary = _eval_stage(cfg, ckpt, root / "eval" / f"{i}_{Path(ckpt).parent.name}")
-        add_row(name, summary, timings.get(name))
+        add_row(name, _eval_stage(cfg, ckpt, root / "eval" / f"{i}_{Path(ckpt).parent.name}"), timings.get(name))
     for name, (ckpt, base) in d3_models.items():
-        summary = _eval_stage(_stage_cfg(cfg, eval__decoding="d3", eval__assistant=assistant), ckpt,
-                              root / "eval" / f"d3_{Path(ckpt).parent.name}")
-        add_row(name, summary, timings.get(base))
+        add_row(name, _eval_stage(_stage_cfg(cfg, eval__decoding="d3", eval__assistant=assistant), ckpt,
+                                  root / "eval" / f"d3_{Path(ckpt).parent.name}"), timings.get(base))
     if sasrec_dir is not None:
         name = "SASRec (item ids)"
-        summary = _eval_stage(cfg, sasrec_dir, root / "eval" / "sasrec")
-        add_row(name, summary, timings.get(name))
+        add_row(name, _eval_stage(cfg, sasrec_dir, root / "eval" / "sasrec"), timings.get(name))
+    return rows
+
+
+NO_LATENT = "SFT w/o latent (BIGRec-style)"
+POP_ALL, POP_RECENT = "popularity, all-time (train targets)", "popularity, recent (valid targets)"
+
+
+def run_pipeline(cfg: Config) -> dict:
+    from accelerate import PartialState
+
+    from .evaluation.evaluate import table_evidence
+    from .evaluation.metrics import popularity_ranking
+
+    state = PartialState()
+    root = Path(cfg.run.output_dir)
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, root / "config.yaml")
+
+    # --- data
+    catalogue = load_catalogue(cfg.data)
+    splits = {name: load_split(cfg.data, name, catalogue) for name in ("train", "valid", "test")}
+    if state.is_main_process:
+        (root / "data").mkdir(exist_ok=True)
+        (root / "data" / "summary.json").write_text(json.dumps(
+            {"dir": str(data_dir(cfg.data)), "items": len(catalogue),
+             "distinct_titles": len(set(catalogue.titles)),
+             **{f"{k}_rows": len(v) for k, v in splits.items()}}, indent=2))
+
+    # --- training and test evaluation, once per seed (run.seeds) or once with the config's seeds
+    seeds: list[int | None] = list(cfg.run.seeds) or [None]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"run.seeds repeats a seed: {cfg.run.seeds}")
+    per_seed = {}
+    for seed in seeds:
+        seed_root = root if seed is None else root / f"seed_{seed}"
+        per_seed[seed] = _train_and_eval(_seeded(cfg, seed), seed_root, splits, state)
+
+    # --- the table: popularity rows (seed-free) first, then the models, all on the same test rows
+    e = cfg.eval
+    test_rows = subsample(splits["test"], e.sample, e.seed)  # the rows run_eval scores
+    lists = {POP_ALL: [[popularity_ranking([s.target_title for s in splits["train"]], e.top_k)] * len(test_rows)],
+             POP_RECENT: [[popularity_ranking([s.target_title for s in splits["valid"]], e.top_k)] * len(test_rows)]}
+    extra: dict[str, dict] = {}
+    for name in per_seed[seeds[0]]:
+        runs = [per_seed[s][name] for s in seeds]
+        for r in runs:
+            if len(r["lists"]) != len(test_rows):
+                raise ValueError(f"{name}: its evaluation scored {len(r['lists'])} test rows, the table "
+                                 f"{len(test_rows)}; delete its eval/ directory to re-evaluate")
+        lists[name] = [r["lists"] for r in runs]
+        ups = [r["summary"].get("users_per_second") for r in runs]
+        secs = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
+        extra[name] = {"ms_per_user": 1000.0 / (sum(ups) / len(ups)) if all(ups) else None,
+                       "train_seconds": sum(secs) / len(secs) if secs else None}
+    reference = NO_LATENT if NO_LATENT in lists else POP_RECENT
+    evidence = table_evidence(lists, test_rows, splits["train"], catalogue, e, reference)
+    rows = {name: row["metrics"] for name, row in evidence["rows"].items()}
 
     # --- report
     result = {"data": _read_json(root / "data" / "summary.json"), "rows": rows, "extra": extra,
+              "evidence": evidence, "seeds": [s for s in seeds if s is not None],
               "num_beams": e.num_beams, "length_penalty": e.length_penalty}
-    text = render_report(rows, extra, cfg)
+    text = render_report(evidence, extra, cfg)
     if state.is_main_process:
         (root / "results.json").write_text(json.dumps(result, indent=2))
         (root / "results.md").write_text(text)
         if cfg.run.plots:
             from .plots import plot_run
 
-            plot_run(root, rows)
+            curves = root if seeds[0] is None else root / f"seed_{seeds[0]}"
+            plot_run(root, evidence, curves_root=curves)
         print("\n" + text)
     return result
 
 
-def render_report(rows: dict, extra: dict, cfg: Config) -> str:
-    from .evaluation.evaluate import reported_ks
+def render_report(evidence: dict, extra: dict, cfg: Config) -> str:
+    from .evaluation.evaluate import render_tables, reported_ks
 
     ks = reported_ks(cfg.eval)
     lp = {"bigrec": 1.0, "d3": 0.0}.get(cfg.eval.decoding, cfg.eval.length_penalty)
     preset = f", decoding preset {cfg.eval.decoding}" if cfg.eval.decoding else ""
-    parts = [f"# Results on the test split ({cfg.eval.num_beams} beams, length penalty {lp}{preset})\n"]
-    for protocol, what in (("legacy", "title match, the paper's protocol"),
-                           ("item", "item level: a title shared by m items counts 1/m")):
-        parts.append(f"## {protocol} ({what})\n\n{format_markdown_table(rows, ks, protocol=protocol)}\n")
+    seeds = list(cfg.run.seeds)
+    seed_text = (f"; model rows: mean ± sd over seeds {seeds}, the interval over users of the seed-averaged "
+                 f"values" if len(seeds) > 1 else "")
+    n = next(iter(evidence["rows"].values()))["metrics"].get("n_rows", 0) if evidence["rows"] else 0
+    parts = [f"# Results on the test split ({n} rows, {cfg.eval.num_beams} beams, length penalty {lp}{preset})\n",
+             f"Cells: value{' ± sd over seeds' if len(seeds) > 1 else ''} [95 % interval]{seed_text}.",
+             render_tables(evidence, ks)]
     parts.append("## Cost\n\n| method | inference ms / user | training s (cumulative) |\n|---|---:|---:|")
     for name, x in extra.items():
         ms = f"{x['ms_per_user']:.1f}" if x.get("ms_per_user") else "-"

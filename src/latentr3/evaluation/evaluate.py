@@ -22,7 +22,9 @@ from ..decoding.assistant import load_assistant, resolve_decoding
 from ..decoding.beam_search import beam_search_prompts
 from ..decoding.trie import ItemTrie
 from ..model.latent_lm import LatentR3Model
-from .metrics import compute_metrics, format_markdown_table, popularity_ranking
+from .metrics import compute_metrics, popularity_ranking
+from .report import (PopularityBins, build_evidence, render_evidence, render_lists, score_row,
+                     significance_sentences)
 
 
 @dataclass
@@ -129,6 +131,12 @@ def builder_for_checkpoint(tokenizer, meta: dict, num_latent: int) -> PromptBuil
                          meta.get("cutoff_len", 512), num_latent)
 
 
+def checkpoint_label(path: str) -> str:
+    """The row label of a checkpoint: its last two path parts ("sft/best", "grpo/best")."""
+    parts = Path(path).resolve().parts
+    return "/".join(parts[-2:])
+
+
 def run_eval(cfg: Config) -> dict:
     """The `latentr3 eval` command: evaluate a checkpoint on a split, write records and a summary."""
     from accelerate import PartialState
@@ -148,23 +156,28 @@ def run_eval(cfg: Config) -> dict:
     if is_sasrec_checkpoint(e.model):
         # full-catalogue ranking of item ids -> distinct titles (see baselines/sasrec.py)
         result = evaluate_sasrec(e.model, samples, catalogue, e, cfg.sasrec.title_score)
-        label = f"SASRec ({Path(e.model).name})"
+        label = f"{checkpoint_label(e.model)} (SASRec)"
         extra = {"recommender": "sasrec", "title_score": cfg.sasrec.title_score}
     else:
         e = resolve_decoding(e)
         model, tokenizer, meta = LatentR3Model.from_pretrained(e.model, resolve_dtype(e.dtype, device), device)
         builder = builder_for_checkpoint(tokenizer, meta, model.num_latent)
         result = evaluate_samples(model, tokenizer, builder, samples, catalogue, e, progress=True)
-        label = f"LatentR3 ({Path(e.model).name})"
+        label = f"{checkpoint_label(e.model)} (LLM, {model.num_latent} latent)"
         extra = {"decoding": e.decoding, "assistant": e.assistant if e.assistant_weight else "",
                  "assistant_weight": e.assistant_weight if e.assistant else 0.0}
 
-    rows = {label: result.metrics}
     pop_source = e.popularity_source or "train"
     pop_rows = load_split(cfg.data, pop_source, catalogue)
-    rows[f"popularity ({pop_source} targets)"] = popularity_metrics(pop_rows, samples, catalogue, e)
+    pop_label = f"popularity ({pop_source} targets)"
+    train_rows = pop_rows if pop_source == "train" else load_split(cfg.data, "train", catalogue)
+    pop_list = popularity_ranking([s.target_title for s in pop_rows], e.top_k)
+    evidence = table_evidence(
+        {label: [[r["predicted"] for r in result.records]], pop_label: [[pop_list] * len(samples)]},
+        samples, train_rows, catalogue, e, reference=pop_label)
+    rows = {label: result.metrics, pop_label: evidence["rows"][pop_label]["metrics"]}
     summary = {"model": e.model, "split": e.split, "rows": len(samples), "metrics": result.metrics,
-               "popularity": rows[f"popularity ({pop_source} targets)"], "seconds": result.seconds,
+               "popularity": rows[pop_label], "evidence": evidence, "seconds": result.seconds,
                "users_per_second": result.users_per_second, "num_beams": e.num_beams,
                "length_penalty": e.length_penalty, "processes": state.num_processes, **extra}
     if state.is_main_process:
@@ -176,7 +189,32 @@ def run_eval(cfg: Config) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\n{len(samples)} {e.split} rows, {result.users_per_second:.1f} users/s; "
               f"share of targets whose title is not unique: {result.metrics['share_nonunique_target_titles']:.3f}")
-        for protocol in ("legacy", "item"):
-            print(f"\n{protocol} protocol\n" + format_markdown_table(rows, reported_ks(e), protocol=protocol))
-        print(f"\nwritten: {out / 'recommendations.jsonl'}, {out / 'summary.json'}")
+        print("\n" + render_tables(evidence, reported_ks(e)))
+        print(f"written: {out / 'recommendations.jsonl'}, {out / 'summary.json'}")
     return summary
+
+
+def table_evidence(lists: dict[str, list[list[list[str]]]], samples: list[Sample], train_rows: list[Sample],
+                   catalogue: Catalogue, cfg: EvalConfig, reference: str | None) -> dict:
+    """Intervals, paired tests, popularity groups and list statistics (evaluation/report.py) of a table
+    whose rows are given as their top-K lists (one set per seed) over `samples`, in order."""
+    ks = reported_ks(cfg)
+    counts = title_counts(catalogue)
+    n_titles = len(counts)
+    scored = {name: score_row(per_seed, [s.target_title for s in samples], counts, ks, n_titles)
+              for name, per_seed in lists.items()}
+    bins = PopularityBins.from_targets([s.target_id for s in train_rows])
+    return build_evidence(scored, [s.target_id for s in samples], bins, reference, ks, cfg.bootstrap,
+                          cfg.bootstrap_seed, cfg.ci_level)
+
+
+def render_tables(evidence: dict, ks: list[int]) -> str:
+    """Both protocols' tables with intervals and the paired columns, then the list statistics."""
+    parts = [f"{evidence['method']}; Δ: row minus the reference row ({evidence['reference']}), "
+             f"* = interval excludes 0.\n"]
+    for protocol, what in (("legacy", "title match, the paper's protocol"),
+                           ("item", "item level: a title shared by m items counts 1/m")):
+        parts.append(f"## {protocol} ({what})\n\n{render_evidence(evidence, ks, protocol)}")
+    parts.append(f"## What the lists look like (item level @{evidence['k']})\n\n{render_lists(evidence)}")
+    parts.append("\n".join(significance_sentences(evidence)) + "\n")
+    return "\n".join(parts)

@@ -21,9 +21,9 @@ __all__ = [
     "DEFAULT_KS",
     "legacy_hits",
     "item_hits",
+    "per_user_metrics",
     "compute_metrics",
     "popularity_ranking",
-    "format_markdown_table",
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
@@ -88,6 +88,29 @@ def _discount(rank: int) -> float:
     return 1.0 / math.log2(rank + 1)
 
 
+def per_user_metrics(
+    predicted_titles: Sequence[Sequence[str]],
+    target_titles: Sequence[str],
+    title_counts: Mapping[str, int],
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, list[float]]:
+    """Each user's gain under both protocols at every K: legacy/HR@K, legacy/NDCG@K, item/HR@K and
+    item/NDCG@K, one value per row (the table's metrics are their means; the bootstrap resamples them)."""
+    for k in ks:
+        if int(k) < 1:
+            raise ValueError(f"K must be >= 1, got {k}")
+    gains = item_hits(predicted_titles, target_titles, title_counts)
+    out: dict[str, list[float]] = {}
+    for k in ks:
+        hit = [1.0 if 0 < rank <= k else 0.0 for rank, _ in gains]
+        disc = [_discount(rank) if 0 < rank <= k else 0.0 for rank, _ in gains]
+        out[f"legacy/HR@{k}"] = hit
+        out[f"legacy/NDCG@{k}"] = disc
+        out[f"item/HR@{k}"] = [h * g for h, (_, g) in zip(hit, gains)]
+        out[f"item/NDCG@{k}"] = [d * g for d, (_, g) in zip(disc, gains)]
+    return out
+
+
 def compute_metrics(
     predicted_titles: Sequence[Sequence[str]],
     target_titles: Sequence[str],
@@ -100,26 +123,9 @@ def compute_metrics(
     share_nonunique_target_titles (share of rows whose target title is carried by more than one
     catalogue item). Empty input gives 0.0 for every metric.
     """
-    for k in ks:
-        if int(k) < 1:
-            raise ValueError(f"K must be >= 1, got {k}")
-    gains = item_hits(predicted_titles, target_titles, title_counts)
+    per_user = per_user_metrics(predicted_titles, target_titles, title_counts, ks)
     n = len(target_titles)
-    out: dict[str, float] = {}
-    for k in ks:
-        hr_l = nd_l = hr_i = nd_i = 0.0
-        for rank, gain in gains:
-            if 0 < rank <= k:
-                d = _discount(rank)
-                hr_l += 1.0
-                nd_l += d
-                hr_i += gain
-                nd_i += gain * d
-        denom = max(n, 1)
-        out[f"legacy/HR@{k}"] = hr_l / denom
-        out[f"legacy/NDCG@{k}"] = nd_l / denom
-        out[f"item/HR@{k}"] = hr_i / denom
-        out[f"item/NDCG@{k}"] = nd_i / denom
+    out: dict[str, float] = {key: sum(v) / max(n, 1) for key, v in per_user.items()}
     out["n_rows"] = n
     nonunique = sum(1 for t in target_titles if title_counts.get(t, 0) > 1)
     out["share_nonunique_target_titles"] = nonunique / max(n, 1)
@@ -138,28 +144,3 @@ def popularity_ranking(train_target_titles: Sequence[str], k: int) -> list[str]:
         first.setdefault(title, i)
     ranked = sorted(counts, key=lambda t: (-counts[t], first[t]))
     return ranked[: max(int(k), 0)]
-
-
-def format_markdown_table(
-    rows: Mapping[str, Mapping[str, float]],
-    ks: Sequence[int] = DEFAULT_KS,
-    protocol: str = "legacy",
-) -> str:
-    """Markdown table: one row per method, columns HR@K for each K then NDCG@K for each K, taken
-    from the `protocol/` keys ("legacy" or "item") of each method's metrics dict; 4 decimals,
-    "-" where a metric is missing."""
-    if protocol not in ("legacy", "item"):
-        raise ValueError(f"protocol must be 'legacy' or 'item', got {protocol!r}")
-    cols = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks]
-    lines = [
-        "| method | " + " | ".join(cols) + " |",
-        "|---|" + "---:|" * len(cols),
-    ]
-    for name, metrics in rows.items():
-        cells = []
-        for c in cols:
-            v = metrics.get(f"{protocol}/{c}")
-            cells.append("-" if v is None else f"{float(v):.4f}")
-        label = str(name).replace("|", "\\|")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -334,6 +334,9 @@ def train_grpo(cfg: Config) -> Path:
         raise ValueError(f"grpo.prefix_cache must be keep or recompute, got {g.prefix_cache!r}")
     if g.num_generations < 1 or g.num_iterations < 1:
         raise ValueError("grpo.num_generations and grpo.num_iterations must be >= 1")
+    if 10 not in cfg.eval.ks or cfg.eval.top_k < 10:
+        raise ValueError(f"GRPO picks its checkpoint by validation {NDCG_KEY}: eval.top_k must be >= 10 and "
+                         f"eval.ks must hold 10 (got top_k {cfg.eval.top_k}, ks {cfg.eval.ks})")
     out = Path(g.output_dir)
     best_dir, last_dir = out / "best", out / "last"
     accelerator = make_accelerator(g.batch_size, g.micro_batch_size, mixed_precision="no")
