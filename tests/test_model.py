@@ -280,3 +280,46 @@ def test_checkpoint_round_trip(tmp_path, titles, tok, lora):
 def test_from_pretrained_rejects_non_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="latentr3.json"):
         LatentR3Model.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------ latent diagnostics
+def test_spearman_hand_computed():
+    from latentr3.evaluation.diagnostics import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: a = ranks (0, 1.5, 1.5, 3), b = (0, 1, 2, 3) -> rho = 0.9486833
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_latent_diagnostics(tok, titles):
+    from latentr3.evaluation.diagnostics import latent_diagnostics
+
+    model = make_model(tok, 1)
+    builder = PromptBuilder(tok, "short", "movies", 512, 1)
+    hist = [titles[:k] for k in (1, 3, 5, 7)]
+    targets = [titles[k] for k in (1, 3, 5, 7)]
+    ndcg = [1.0, 0.0, 0.5, 0.0]
+    d = latent_diagnostics(model, builder, hist, targets, ndcg, noise_std=1.5, batch_size=3)
+    assert d["noise_norm"] == pytest.approx(1.5 * HIDDEN ** 0.5)
+    assert d["latent_norm"] > 0 and 0 < d["attention_entropy_ratio"] <= 1.0 + 1e-6
+    assert d["logprob_gain"] != 0.0
+    # the gain is the target log-prob with the latent minus with a zero vector in the latent slot
+    exs = [builder.example(h, t) for h, t in zip(hist, targets)]
+    pi, pm, ti, tm = batch(exs, tok.pad_token_id)
+    with torch.no_grad():
+        full = model(pi, pm, ti, tm).sum(-1)
+        prefix = model.prefill(pi, pm)
+        r = model.compute_latent(prefix)
+        zero = model.target_logprobs(model.think(model.prefill(pi, pm), noise=-r[:, None]), ti)
+        zero = (zero * tm).sum(-1)
+    assert d["logprob_gain"] == pytest.approx(float((full - zero).mean()), abs=1e-4)
+    # a LatentRATT that writes the zero vector: the model cannot use it
+    with torch.no_grad():
+        model.latent_ratt.v_proj.weight.zero_()
+        model.latent_ratt.v_proj.bias.zero_()
+    z = latent_diagnostics(model, builder, hist, targets, ndcg, noise_std=1.5)
+    assert z["latent_norm"] == 0.0 and z["logprob_gain"] == pytest.approx(0.0, abs=1e-6)
+    assert latent_diagnostics(make_model(tok, 0), PromptBuilder(tok, "short", "movies", 512, 0), hist, targets,
+                              ndcg, 1.5).keys() == {"users", "num_latent", "hidden", "noise_std", "noise_norm"}

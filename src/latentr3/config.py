@@ -165,6 +165,10 @@ class EvalConfig:
     bootstrap: int = 1000
     bootstrap_seed: int = 0
     ci_level: float = 0.95
+    # Latent diagnostics (evaluation/diagnostics.py: |r| vs the noise norm, LatentRATT's attention
+    # entropy, the log-prob the latent adds, rank correlation of GRPO's reward with NDCG@10) over the
+    # first this many evaluated users, in eval's summary and at every GRPO validation; 0 = off, -1 = all.
+    diagnostics_sample: int = 500
 
 
 @dataclass

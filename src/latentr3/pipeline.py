@@ -170,6 +170,9 @@ def run_pipeline(cfg: Config) -> dict:
         secs = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
         extra[name] = {"ms_per_user": 1000.0 / (sum(ups) / len(ups)) if all(ups) else None,
                        "train_seconds": sum(secs) / len(secs) if secs else None}
+        diags = [r["summary"]["diagnostics"] for r in runs if "diagnostics" in r["summary"]]
+        if diags:
+            extra[name]["diagnostics"] = _mean_over_seeds(diags)
     reference = NO_LATENT if NO_LATENT in lists else POP_RECENT
     evidence = table_evidence(lists, test_rows, splits["train"], catalogue, e, reference)
     rows = {name: row["metrics"] for name, row in evidence["rows"].items()}
@@ -191,8 +194,18 @@ def run_pipeline(cfg: Config) -> dict:
     return result
 
 
+def _mean_over_seeds(dicts: list[dict]) -> dict:
+    """Numeric fields averaged over the seeds' dicts (None where any seed has None)."""
+    out = dict(dicts[0])
+    for key, value in dicts[0].items():
+        values = [d.get(key) for d in dicts]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = None if any(v is None for v in values) else sum(values) / len(values)
+    return out
+
+
 def render_report(evidence: dict, extra: dict, cfg: Config) -> str:
-    from .evaluation.evaluate import render_tables, reported_ks
+    from .evaluation.evaluate import render_diagnostics, render_tables, reported_ks
 
     ks = reported_ks(cfg.eval)
     lp = {"bigrec": 1.0, "d3": 0.0}.get(cfg.eval.decoding, cfg.eval.length_penalty)
@@ -204,6 +217,9 @@ def render_report(evidence: dict, extra: dict, cfg: Config) -> str:
     parts = [f"# Results on the test split ({n} rows, {cfg.eval.num_beams} beams, length penalty {lp}{preset})\n",
              f"Cells: value{' ± sd over seeds' if len(seeds) > 1 else ''} [95 % interval]{seed_text}.",
              render_tables(evidence, ks)]
+    diags = {name: x["diagnostics"] for name, x in extra.items() if "diagnostics" in x}
+    if diags:
+        parts.append(render_diagnostics(diags) + ("(means over the seeds)\n" if len(seeds) > 1 else ""))
     parts.append("## Cost\n\n| method | inference ms / user | training s (cumulative) |\n|---|---:|---:|")
     for name, x in extra.items():
         ms = f"{x['ms_per_user']:.1f}" if x.get("ms_per_user") else "-"

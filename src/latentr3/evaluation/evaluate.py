@@ -22,6 +22,7 @@ from ..decoding.assistant import load_assistant, resolve_decoding
 from ..decoding.beam_search import beam_search_prompts
 from ..decoding.trie import ItemTrie
 from ..model.latent_lm import LatentR3Model
+from .diagnostics import diagnose_records
 from .metrics import compute_metrics, popularity_ranking
 from .report import (PopularityBins, build_evidence, render_evidence, render_lists, score_row,
                      significance_sentences)
@@ -166,6 +167,9 @@ def run_eval(cfg: Config) -> dict:
         label = f"{checkpoint_label(e.model)} (LLM, {model.num_latent} latent)"
         extra = {"decoding": e.decoding, "assistant": e.assistant if e.assistant_weight else "",
                  "assistant_weight": e.assistant_weight if e.assistant else 0.0}
+        if e.diagnostics_sample:
+            extra["diagnostics"] = diagnose_records(model, builder, result.records, catalogue, e,
+                                                    cfg.grpo.noise_std, e.diagnostics_sample)
 
     pop_source = e.popularity_source or "train"
     pop_rows = load_split(cfg.data, pop_source, catalogue)
@@ -190,6 +194,8 @@ def run_eval(cfg: Config) -> dict:
         print(f"\n{len(samples)} {e.split} rows, {result.users_per_second:.1f} users/s; "
               f"share of targets whose title is not unique: {result.metrics['share_nonunique_target_titles']:.3f}")
         print("\n" + render_tables(evidence, reported_ks(e)))
+        if "diagnostics" in extra:
+            print(render_diagnostics({label: extra["diagnostics"]}))
         print(f"written: {out / 'recommendations.jsonl'}, {out / 'summary.json'}")
     return summary
 
@@ -206,6 +212,22 @@ def table_evidence(lists: dict[str, list[list[list[str]]]], samples: list[Sample
     bins = PopularityBins.from_targets([s.target_id for s in train_rows])
     return build_evidence(scored, [s.target_id for s in samples], bins, reference, ks, cfg.bootstrap,
                           cfg.bootstrap_seed, cfg.ci_level)
+
+
+def render_diagnostics(rows: dict[str, dict]) -> str:
+    """Markdown: the latent diagnostics (evaluation/diagnostics.py) of each LLM row."""
+    lines = ["## Latent diagnostics (evaluation/diagnostics.py)\n",
+             "| method | users | ‖r‖ | noise σ√d | σ√d / ‖r‖ | attention entropy / log(tokens) | "
+             "Δ target log-prob, latent vs zeroed | rank corr(reward, NDCG@10) |", "|---|" + "---:|" * 7]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for name, d in rows.items():
+        if not d.get("num_latent"):
+            lines.append(f"| {name} | {d.get('users', 0):.0f} | (no latent) | | | | | |")
+            continue
+        lines.append(f"| {name} | {d['users']:.0f} | {fmt(d.get('latent_norm'), '.2f')} | {d['noise_norm']:.2f} | "
+                     f"{fmt(d.get('noise_to_latent'), '.2f')} | {fmt(d.get('attention_entropy_ratio'), '.3f')} | "
+                     f"{fmt(d.get('logprob_gain'), '+.3f')} | {fmt(d.get('reward_ndcg_spearman'), '+.3f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_tables(evidence: dict, ks: list[int]) -> str:

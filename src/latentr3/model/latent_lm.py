@@ -147,6 +147,11 @@ class LatentR3Model(nn.Module):
         return self.latent_ratt(prefix.hidden, prefix.positions, prefix.attention_mask.bool(),
                                 prefix.hidden[:, -1], prefix.positions[:, -1])
 
+    def latent_attention(self, prefix: Prefix) -> torch.Tensor:
+        """LatentRATT's attention (B, L) over the positions of `prefix` for its next latent."""
+        return self.latent_ratt.attention_weights(prefix.hidden, prefix.positions, prefix.attention_mask.bool(),
+                                                  prefix.hidden[:, -1], prefix.positions[:, -1])
+
     def append(self, prefix: Prefix, embeds: torch.Tensor, logits_to_keep: int = 0,
                keep_hidden: bool = True) -> tuple[Prefix, torch.Tensor]:
         """Runs `embeds` (B, S, D) after `prefix` (all real positions); returns (new prefix, logits).

@@ -39,15 +39,18 @@ class LatentRATT(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return x * angles.cos() + rotate_half(x) * angles.sin()
 
+    def attention_weights(self, keys_hidden: torch.Tensor, key_positions: torch.Tensor, key_mask: torch.Tensor,
+                          query_hidden: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
+        """The query's attention over the keys (B, T), fp32, zero on masked positions (args as `forward`)."""
+        q = self._rope(self.q_proj(query_hidden.float()), query_position)          # (B, D)
+        k = self._rope(self.k_proj(keys_hidden.float()), key_positions)            # (B, T, D)
+        scores = torch.einsum("bd,btd->bt", q, k) / math.sqrt(self.hidden_size)
+        scores = scores.masked_fill(~key_mask.bool(), torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1)
+
     def forward(self, keys_hidden: torch.Tensor, key_positions: torch.Tensor, key_mask: torch.Tensor,
                 query_hidden: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
         """keys_hidden (B, T, D), key_positions (B, T), key_mask (B, T) True where attendable,
         query_hidden (B, D), query_position (B,) -> latent (B, D) in fp32."""
-        keys_hidden = keys_hidden.float()
-        q = self._rope(self.q_proj(query_hidden.float()), query_position)          # (B, D)
-        k = self._rope(self.k_proj(keys_hidden), key_positions)                    # (B, T, D)
-        v = self.v_proj(keys_hidden)                                               # (B, T, D)
-        scores = torch.einsum("bd,btd->bt", q, k) / math.sqrt(self.hidden_size)
-        scores = scores.masked_fill(~key_mask.bool(), torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1)
-        return torch.einsum("bt,btd->bd", weights, v)
+        weights = self.attention_weights(keys_hidden, key_positions, key_mask, query_hidden, query_position)
+        return torch.einsum("bt,btd->bd", weights, self.v_proj(keys_hidden.float()))

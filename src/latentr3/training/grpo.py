@@ -48,6 +48,7 @@ import torch
 
 from ..config import Config, GRPOConfig
 from ..model.latent_lm import LatentR3Model, Prefix
+from ..evaluation.diagnostics import DIAGNOSTICS_LOGGED, diagnose_records
 from ..evaluation.evaluate import build_trie, evaluate_samples, output_vocab_size
 from .advantages import (ADVANTAGE_RULES, compute_advantages, item_frequencies, popularity_groups,
                          popularity_scores, popularity_thresholds, perplexity_reward)
@@ -418,8 +419,13 @@ def train_grpo(cfg: Config) -> Path:
                 save_catalogue_copy(best_dir, catalogue)
         else:
             state.bad_evals += 1
-        log.write(step=state.step, valid_ndcg10=ndcg, best_ndcg10=-state.best)
-        accelerator.print(f"step {state.step}: validation NDCG@10 {ndcg:.4f} (best {-state.best:.4f})")
+        diag = diagnose_records(model, builder, res.records, catalogue, cfg.eval, g.noise_std,
+                                cfg.eval.diagnostics_sample)
+        log.write(step=state.step, valid_ndcg10=ndcg, best_ndcg10=-state.best,
+                  **{f"valid_{k}": v for k, v in diag.items() if k in DIAGNOSTICS_LOGGED})
+        accelerator.print(f"step {state.step}: validation NDCG@10 {ndcg:.4f} (best {-state.best:.4f}); "
+                          f"|r| {diag.get('latent_norm', 0):.2f} vs noise {diag['noise_norm']:.2f}, "
+                          f"rank corr(reward, NDCG) {diag.get('reward_ndcg_spearman')}")
 
     # --- the loop
     from tqdm.auto import tqdm
