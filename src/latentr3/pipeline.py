@@ -19,6 +19,7 @@ import copy
 import json
 from pathlib import Path
 
+from .atomic import atomic_write_json, atomic_write_text
 from .config import Config, save_config
 from .data.dataset import data_dir, load_catalogue, load_split, subsample
 
@@ -139,10 +140,9 @@ def run_pipeline(cfg: Config) -> dict:
     splits = {name: load_split(cfg.data, name, catalogue) for name in ("train", "valid", "test")}
     if state.is_main_process:
         (root / "data").mkdir(exist_ok=True)
-        (root / "data" / "summary.json").write_text(json.dumps(
-            {"dir": str(data_dir(cfg.data)), "items": len(catalogue),
-             "distinct_titles": len(set(catalogue.titles)),
-             **{f"{k}_rows": len(v) for k, v in splits.items()}}, indent=2))
+        atomic_write_json(root / "data" / "summary.json", {
+            "dir": str(data_dir(cfg.data)), "items": len(catalogue), "distinct_titles": len(set(catalogue.titles)),
+            **{f"{k}_rows": len(v) for k, v in splits.items()}})
 
     # --- training and test evaluation, once per seed (run.seeds) or once with the config's seeds
     seeds: list[int | None] = list(cfg.run.seeds) or [None]
@@ -183,8 +183,8 @@ def run_pipeline(cfg: Config) -> dict:
               "num_beams": e.num_beams, "length_penalty": e.length_penalty}
     text = render_report(evidence, extra, cfg)
     if state.is_main_process:
-        (root / "results.json").write_text(json.dumps(result, indent=2))
-        (root / "results.md").write_text(text)
+        atomic_write_json(root / "results.json", result)
+        atomic_write_text(root / "results.md", text)
         if cfg.run.plots:
             from .plots import plot_run
 

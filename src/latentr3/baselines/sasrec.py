@@ -150,24 +150,31 @@ class SASRecRecommender:
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SASRecRecommender":
         from safetensors.torch import load_file
 
+        from ..atomic import verify_manifest
+
         path = Path(path)
+        verify_manifest(path, "SASRec checkpoint")  # names a missing, truncated or corrupt file
         meta = json.loads((path / CONFIG_NAME).read_text())
         model = SASRec(len(meta["item_ids"]), **{k: meta["model"][k] for k in _ARCH_KEYS})
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
         return cls(model.to(device), meta["item_ids"], meta)
 
     def save_pretrained(self, path: str | Path, catalogue: Catalogue, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from ..data.dataset import save_catalogue_copy
 
+        from ..atomic import atomic_write_bytes, atomic_write_json, write_manifest
+
+        # The run directory is the checkpoint (done.json sits beside it), so its files are written one by
+        # one atomically and the manifest, written last, marks the checkpoint complete.
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  str(path / WEIGHTS_NAME))
-        meta = {**self.meta, **(extra or {}), "item_ids": self.item_ids}
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        atomic_write_bytes(path / WEIGHTS_NAME, save({k: v.detach().cpu().contiguous()
+                                                      for k, v in self.model.state_dict().items()}))
+        atomic_write_json(path / CONFIG_NAME, {**self.meta, **(extra or {}), "item_ids": self.item_ids})
         save_catalogue_copy(path, catalogue)
+        write_manifest(path)
 
 
 def _pad_left(seqs: list[list[int]], max_len: int, device=None) -> torch.Tensor:
@@ -220,6 +227,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def train_sasrec(cfg: Config) -> Path:
     """Trains SASRec on the configured splits with early stopping; returns sasrec.output_dir."""
+    from ..atomic import atomic_write_json
     from ..data.dataset import load_catalogue, subsample, train_and_valid
 
     s: SASRecConfig = cfg.sasrec
@@ -288,8 +296,8 @@ def train_sasrec(cfg: Config) -> Path:
     rec.save_pretrained(out, catalogue, {"best_epoch": best_epoch, "best_valid_ndcg10": best,
                                          "history": history, "train_rows": len(seqs),
                                          "valid_rows": len(valid_rows)})
-    (out / "done.json").write_text(json.dumps({"train_seconds": seconds, "best_epoch": best_epoch,
-                                               "best_valid_ndcg10": best}, indent=2))
+    atomic_write_json(out / "done.json", {"train_seconds": seconds, "best_epoch": best_epoch,
+                                          "best_valid_ndcg10": best})
     print(f"sasrec: best epoch {best_epoch} (valid NDCG@10 {best:.4f}), {seconds:.0f}s -> {out}")
     return out
 

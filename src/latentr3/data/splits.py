@@ -19,7 +19,6 @@ import io
 import operator
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -426,22 +425,10 @@ def _diagnose_row(
 
 def _atomic_write_text(path: Path, write) -> None:
     """Write through ``write(file)`` into a temporary file next to ``path``, then rename it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
+    from ..atomic import atomic_open
+
+    with atomic_open(path, "w", newline="") as handle:
+        write(handle)
 
 
 def _cell(value: Any) -> str:

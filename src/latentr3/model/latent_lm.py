@@ -241,12 +241,22 @@ class LatentR3Model(nn.Module):
         return gather_logprobs(logits, target_ids) * target_mask
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, out_dir: str | Path, tokenizer, extra: dict | None = None) -> None:
-        """backbone/ (full weights or LoRA adapter, safetensors, + tokenizer), LatentRATT, latentr3.json."""
+    def save_pretrained(self, out_dir: str | Path, tokenizer, extra: dict | None = None, catalogue=None) -> None:
+        """backbone/ (full weights or LoRA adapter, safetensors, + tokenizer), LatentRATT, latentr3.json,
+        catalogue.txt (when `catalogue` is given: a checkpoint then recommends without the data
+        directory), MANIFEST.json (written last; see latentr3.atomic)."""
+        from ..atomic import atomic_directory
+
+        with atomic_directory(out_dir) as out:  # complete with its MANIFEST.json, or not there at all
+            self._save_files(out, tokenizer, extra)
+            if catalogue is not None:
+                from ..data.dataset import save_catalogue_copy
+
+                save_catalogue_copy(out, catalogue)
+
+    def _save_files(self, out: Path, tokenizer, extra: dict | None) -> None:
         from safetensors.torch import save_file
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out / "backbone", safe_serialization=True)
         if _is_peft(self.backbone):
             # The adapter alone cannot be reloaded: the base may be a from-config (tiny) model and its
@@ -262,7 +272,7 @@ class LatentR3Model(nn.Module):
                 "latent_rope_base": self.latent_ratt.rope_base,
                 "hidden_size": self.latent_ratt.hidden_size,
                 "lora": _is_peft(self.backbone), **(extra or {})}
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))  # inside the atomic directory
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -271,10 +281,16 @@ class LatentR3Model(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
+        from ..atomic import recover_directory, verify_manifest
+
         ckpt = Path(ckpt_dir)
+        recover_directory(ckpt)
         meta_path = ckpt / CONFIG_NAME
-        if not meta_path.exists():
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
+        if not meta_path.exists() and not (ckpt / "MANIFEST.json").exists():
             raise FileNotFoundError(f"{ckpt} is not a latentr3 checkpoint: {CONFIG_NAME} is missing")
+        verify_manifest(ckpt)  # names a missing, truncated or corrupt file (CheckpointError)
         meta = json.loads(meta_path.read_text())
         tok = load_tokenizer(ckpt / "backbone")
         if meta.get("lora"):

@@ -38,7 +38,6 @@ pass must reproduce the rollout.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_json
 from ..config import Config, GRPOConfig
 from ..model.latent_lm import LatentR3Model, Prefix
 from ..evaluation.diagnostics import DIAGNOSTICS_LOGGED, diagnose_records
@@ -321,7 +321,7 @@ def train_grpo(cfg: Config) -> Path:
     """
     from accelerate.utils import set_seed
 
-    from ..data.dataset import (collate, load_catalogue, save_catalogue_copy, subsample, tokenize_samples,
+    from ..data.dataset import (collate, load_catalogue, subsample, tokenize_samples,
                                 train_and_valid)
     from ..data.prompts import PromptBuilder
     from ..model.build import resolve_dtype
@@ -415,8 +415,7 @@ def train_grpo(cfg: Config) -> Path:
             state.best, state.bad_evals = -ndcg, 0
             if accelerator.is_main_process:
                 model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step,
-                                                            "valid_ndcg10": ndcg})
-                save_catalogue_copy(best_dir, catalogue)
+                                                            "valid_ndcg10": ndcg}, catalogue=catalogue)
         else:
             state.bad_evals += 1
         diag = diagnose_records(model, builder, res.records, catalogue, cfg.eval, g.noise_std,
@@ -476,16 +475,14 @@ def train_grpo(cfg: Config) -> Path:
         evaluate_and_keep_best()
     state.elapsed += time.time() - start
     if accelerator.is_main_process:
-        model.save_pretrained(last_dir, tokenizer, {**save_meta, "grpo_step": state.step})
-        save_catalogue_copy(last_dir, catalogue)
+        model.save_pretrained(last_dir, tokenizer, {**save_meta, "grpo_step": state.step}, catalogue=catalogue)
         if not (best_dir / "latentr3.json").exists():
-            model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step})
-            save_catalogue_copy(best_dir, catalogue)
+            model.save_pretrained(best_dir, tokenizer, {**save_meta, "grpo_step": state.step}, catalogue=catalogue)
         # epochs done, counting a partial last one (a max_steps stop mid-epoch)
         epochs = round(state.epoch + state.batches_in_epoch / max(steps_per_epoch, 1), 3)
         summary = {"steps": state.step, "epochs": epochs, "train_rows": len(train_set),
                    "best_valid_ndcg10": None if math.isinf(state.best) else -state.best,
                    "train_seconds": state.elapsed, "processes": world}
-        (out / "done.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out / "done.json", summary)
     accelerator.wait_for_everyone()
     return best_dir

@@ -8,7 +8,6 @@ run once and its KV cache reused for the latents and the target (LatentR3Model).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -16,8 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..atomic import atomic_write_json
 from ..config import Config
-from ..data.dataset import (collate, load_catalogue, save_catalogue_copy, subsample, tokenize_samples,
+from ..data.dataset import (collate, load_catalogue, subsample, tokenize_samples,
                             train_and_valid)
 from ..data.prompts import PromptBuilder
 from ..model.build import build_model
@@ -121,9 +121,8 @@ def train_sft(cfg: Config) -> Path:
 
     if s.sample == 0:  # the paper's "0 rows" point: the model before any fine-tuning
         if accelerator.is_main_process:
-            model.save_pretrained(best_dir, tokenizer, meta)
-            save_catalogue_copy(best_dir, catalogue)
-            (out / "done.json").write_text(json.dumps({"train_rows": 0}))
+            model.save_pretrained(best_dir, tokenizer, meta, catalogue=catalogue)
+            atomic_write_json(out / "done.json", {"train_rows": 0})
         return best_dir
 
     train_set = tokenize_samples(train_rows, builder)
@@ -158,8 +157,7 @@ def train_sft(cfg: Config) -> Path:
         if improved:
             state.best, state.bad_evals = val, 0
             if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(best_dir, tokenizer, meta)
-                save_catalogue_copy(best_dir, catalogue)
+                accelerator.unwrap_model(model).save_pretrained(best_dir, tokenizer, meta, catalogue=catalogue)
         else:
             state.bad_evals += 1
         log.write(step=state.step, epoch=state.epoch, valid_loss=val, best=state.best)
@@ -231,6 +229,6 @@ def train_sft(cfg: Config) -> Path:
         summary = {"steps": state.step, "epochs": epochs, "best_valid_loss": state.best,
                    "train_seconds": state.elapsed, "train_rows": len(train_set),
                    "processes": accelerator.num_processes}
-        (out / "done.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out / "done.json", summary)
     accelerator.wait_for_everyone()
     return best_dir

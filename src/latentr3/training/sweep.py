@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..atomic import atomic_write_json, atomic_write_text
 from ..config import Config, ConfigError, _set_dotted, config_to_dict, _build
 
 
@@ -63,7 +64,7 @@ def run_sweep(cfg: Config, grid: dict[str, list], stage: str = "grpo") -> dict:
         lines.append(f"| {r['point']}{mark} | {score} | {r['checkpoint']} |")
     table = "\n".join(lines)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps(rows, indent=2))
-    (root / "sweep.md").write_text(table + "\n")
+    atomic_write_json(root / "sweep.json", rows)
+    atomic_write_text(root / "sweep.md", table + "\n")
     print(table)
     return {"rows": rows, "selected": rows[0] if rows else None}

@@ -1,0 +1,167 @@
+"""Crash-safe files: every piece of state latentr3 writes is either complete or absent.
+
+A run can be SIGKILLed anywhere (a pre-empted GPU job, an OOM kill), including in the middle of writing
+a checkpoint.  The rules, applied everywhere state is written:
+
+* a file is written to a temporary name in the same directory, flushed and fsynced, then renamed over
+  the target (rename is atomic within a file system), and the directory is fsynced so the rename itself
+  survives a power cut (``atomic_write_*``, ``atomic_open``);
+* a directory (a checkpoint) is built under a temporary sibling name; its ``MANIFEST.json`` (every file's
+  relative path, size and sha256) is written last, then the directory is swapped in (old one renamed
+  aside, new one renamed in, old one removed: ``atomic_directory``).  A kill between the two renames
+  leaves ``<name>.old``, which ``recover_directory`` renames back;
+* loading a directory checks its manifest first (``verify_manifest``) and names the file that is
+  missing, truncated or corrupt, instead of failing deep inside safetensors or loading garbage.
+
+Why by hand: the standard library has the primitives (os.replace, os.fsync) but no atomic-write helper,
+and the small packages that wrap them do not cover directories or manifests.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_open",
+           "atomic_directory", "write_manifest", "verify_manifest", "recover_directory", "MANIFEST_NAME"]
+
+MANIFEST_NAME = "MANIFEST.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is incomplete or corrupt; the message names the file and what to do."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8",
+                newline: str | None = None) -> Iterator:
+    """A file object whose content replaces `path` only when the block ends without an exception."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | Path) -> dict:
+    """MANIFEST.json of every file under `directory` (written atomically, last)."""
+    directory = Path(directory)
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"format": 1, "files": files}
+    atomic_write_json(directory / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def verify_manifest(directory: str | Path, what: str = "checkpoint") -> None:
+    """Raises CheckpointError naming the first missing, truncated or corrupt file of `directory`."""
+    directory = Path(directory)
+    hint = (f"the {what} was not written completely (a killed or failed save); re-run the stage that "
+            f"writes it, or point at another {what}")
+    mpath = directory / MANIFEST_NAME
+    if not mpath.is_file():
+        raise CheckpointError(f"{directory}: {MANIFEST_NAME} is missing, so the {what} is incomplete: {hint}")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e}): {hint}") from None
+    for rel, info in files.items():
+        p = directory / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing from the {what} (listed in {MANIFEST_NAME}): {hint}")
+        size = p.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"{p}: {size} bytes where {MANIFEST_NAME} records {info['size']} "
+                                  f"(truncated or overwritten): {hint}")
+        if _sha256(p) != info["sha256"]:
+            raise CheckpointError(f"{p}: content does not match its sha256 in {MANIFEST_NAME} (corrupt): {hint}")
+
+
+def recover_directory(path: str | Path) -> None:
+    """After a kill between the two renames of a swap: `<path>.old` is the last complete version."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():
+        old.rename(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary sibling directory to fill; on success writes its manifest and swaps it in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_manifest(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
