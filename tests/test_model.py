@@ -183,6 +183,9 @@ def test_no_latent_means_no_latent_ratt_gradient(tok, titles):
     for p in model.latent_ratt.parameters():
         assert p.grad is None or not p.grad.any()
     assert model.backbone.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    # Frozen: a trainable parameter without gradient makes DDP fail (tests/test_sft_distributed.py).
+    assert not any(p.requires_grad for p in model.latent_ratt.parameters())
+    assert make_model(tok, 1).latent_ratt.q_proj.weight.requires_grad
 
 
 def test_bad_model_arguments(tok):

@@ -96,6 +96,11 @@ class LatentR3Model(nn.Module):
         self.latent_token_id = latent_token_id
         hidden = backbone.get_input_embeddings().embedding_dim
         self.latent_ratt = LatentRATT(hidden, rope_base).float()
+        if num_latent == 0:
+            # Never called without a latent slot: trainable but gradient-free parameters would make
+            # DistributedDataParallel fail on the second step (it waits for their gradients).  Kept,
+            # frozen, so that every checkpoint has the same files.
+            self.latent_ratt.requires_grad_(False)
         base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         params = inspect.signature(type(base).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
