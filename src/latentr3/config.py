@@ -144,7 +144,7 @@ class EvalConfig:
     # at once the search stops).  The beams do not depend on it, and the search runs until no live beam
     # can enter the list, so the first 10 of a top-20 list are the top-10 list.
     top_k: int = 10
-    # 1.0: score = sum of token log-probs / length (BIGRec, the paper's setting); 0.0: plain sum (D3).
+    # 1.0: score = sum of token log-probs / length (BIGRec, the paper's setting); 0.0: plain sum (D3); >= 0.
     length_penalty: float = 1.0
     # Cut-offs of HR@K / NDCG@K; those above top_k are left out (set num_beams = top_k = 20 for @20).
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])

@@ -334,6 +334,9 @@ def train_grpo(cfg: Config) -> Path:
         raise ValueError(f"grpo.prefix_cache must be keep or recompute, got {g.prefix_cache!r}")
     if g.num_generations < 1 or g.num_iterations < 1:
         raise ValueError("grpo.num_generations and grpo.num_iterations must be >= 1")
+    from ..decoding.assistant import resolve_decoding
+
+    resolve_decoding(cfg.eval)  # the validation's decoding settings fail now, not after the first steps
     out = Path(g.output_dir)
     best_dir, last_dir = out / "best", out / "last"
     accelerator = make_accelerator(g.batch_size, g.micro_batch_size, mixed_precision="no")
