@@ -58,6 +58,11 @@ class ModelConfig:
     num_latent: int = 1
     # RoPE base of LatentRATT's query/key rotation (the paper: 1000).
     latent_rope_base: float = 1000.0
+    # LatentRATT's initialisation: "hf" (the authors' layer: Hugging Face's _init_weights, weights
+    # normal(0, the backbone config's initializer_range, 0.02 for Qwen2.5), biases 0) or "torch"
+    # (PyTorch's default Linear init, uniform +-1/sqrt(hidden) for weights and biases; the earlier
+    # latentr3 default).
+    latent_init: str = "hf"
     # LoRA on the backbone (LatentRATT is always trained in full).
     lora: bool = False
     lora_r: int = 8
@@ -75,11 +80,15 @@ class ModelConfig:
 class PromptConfig:
     """How a history is turned into text."""
 
-    # "paper": the Alpaca-style instruction prompt of BIGRec/LatentR3; "short": one line, for tiny
-    # backbones on CPU; anything else is used as a template with {items} and {history} placeholders.
+    # "paper": a cleaned-up Alpaca-style instruction prompt of BIGRec/LatentR3; "official": the authors'
+    # released text exactly (typos and spacing included, instruction and user input tokenized as separate
+    # segments, as their code does; set data.item_noun to their category noun, e.g. "musics" for CDs, see
+    # data/prompts.py OFFICIAL_ITEM_NOUNS); "short": one line, for tiny backbones on CPU; anything else is
+    # used as a template with {items} and {history} placeholders.
     template: str = "paper"
-    # Maximum tokens of prompt + latents + target (the paper: 512); oldest history titles are dropped
-    # until the example fits.
+    # Maximum tokens of prompt + latent(s) (the paper: 512).  The oldest history titles are dropped until
+    # they fit; the same rule in training and at evaluation (the target is not counted: it is unknown at
+    # evaluation, and counting it would truncate one history differently for different targets).
     cutoff_len: int = 512
 
 
