@@ -39,4 +39,4 @@ def build_model(cfg: ModelConfig, titles: list[str], item_noun: str, dtype: torc
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
         backbone = get_peft_model(backbone, lora)
-    return LatentR3Model(backbone, latent_id, cfg.num_latent, cfg.latent_rope_base), tok
+    return LatentR3Model(backbone, latent_id, cfg.num_latent, cfg.latent_rope_base, cfg.latent_init), tok
