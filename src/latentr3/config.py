@@ -214,11 +214,21 @@ class GRPOConfig:
     num_generations: int = 8
     # Standard deviation of the Gaussian noise added to the latent thought.
     noise_std: float = 1.5
-    # Advantage rule: batch (the paper: (s - mean of noise-free rewards) / L2 norm over the batch),
-    # group (z-score within each prompt's samples), popularity_group (see the docs of the rule).
+    # Advantage rule: batch (the paper: (s - mean of noise-free rewards) / L2 norm over the scope),
+    # group (z-score within each prompt's samples), popularity_group (see the docs of the rule in
+    # training/advantages.py: the fork's published "GRPO_Group" numbers do not use its popularity
+    # groups), pooled_zscore (popularity_weight x z-score over every sample of the scope +
+    # (1 - popularity_weight) x batch: what that fork effectively computes).
     advantage: str = "batch"
+    # Weight of the z-score term of popularity_group and pooled_zscore; number of popularity groups.
     popularity_weight: float = 0.8
     popularity_groups: int = 3
+    # Which rewards an advantage is computed over: "batch", the whole optimizer batch (batch_size
+    # prompts, independent of the process count); "micro_step", each chunk of micro_step_prompts
+    # prompts of the gathered batch, as the authors' code does (its advantage runs inside each
+    # micro-step over the rewards gathered from its 2 GPUs x 1 prompt = 2 prompts x 8 samples).
+    advantage_scope: str = "batch"
+    micro_step_prompts: int = 2
     # Prompts per optimizer step over all processes, and per micro-step per process.
     batch_size: int = 32
     micro_batch_size: int = 4
