@@ -328,3 +328,34 @@ def test_latent_init_hf_and_torch(tok, titles):
     std = model.backbone.config.initializer_range
     assert not model.latent_ratt.q_proj.bias.any()
     assert abs(model.latent_ratt.q_proj.weight.std().item() - std) < 0.25 * std
+
+
+def test_trim_vocab_drops_unused_rows(tok, titles, tmp_path):
+    """model.trim_vocab: embedding and LM head cut to len(tokenizer), as the authors' resize does."""
+    import copy
+
+    from latentr3.model.backbones import trim_vocab
+
+    tk = copy.deepcopy(tok)
+    backbone = tiny_qwen2(len(tk) + 10, hidden=HIDDEN, layers=1, heads=2)  # padding rows, as Qwen2.5's
+    latent_id = add_latent_token(backbone, tk)
+    assert backbone.get_input_embeddings().num_embeddings == len(tk) + 9
+    keep = backbone.get_input_embeddings().weight[: len(tk)].detach().clone()
+    assert trim_vocab(backbone, tk) == len(tk)
+    assert backbone.get_input_embeddings().num_embeddings == len(tk)
+    assert backbone.get_output_embeddings().weight.shape[0] == len(tk)
+    assert torch.equal(backbone.get_input_embeddings().weight, keep)
+    model = LatentR3Model(backbone, latent_id, 1).eval()
+    pi, pm, ti, tm = batch(examples(tk, titles, 1), tk.pad_token_id)
+    with torch.no_grad():
+        ref = model(pi, pm, ti, tm)
+    model.save_pretrained(tmp_path / "ckpt", tk)
+    loaded, _, _ = LatentR3Model.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(pi, pm, ti, tm), ref)
+    with pytest.raises(ValueError, match="embedding rows"):
+        trim_vocab(tiny_qwen2(len(tk) - 1, hidden=HIDDEN, layers=1, heads=2), tk)
+    cfg = ModelConfig(backbone="tiny", tiny_hidden=HIDDEN, tiny_layers=1, tiny_heads=2, tiny_vocab=500,
+                      trim_vocab=True)
+    m, t = build_model(cfg, titles, "movies")
+    assert m.backbone.get_input_embeddings().num_embeddings == len(t)

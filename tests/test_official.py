@@ -81,7 +81,7 @@ def test_official_target_ids():
 def test_official_preset_settings():
     cfg = load_config(OFFICIAL_PRESET)
     assert cfg.model.backbone == "Qwen/Qwen2.5-1.5B"  # base model: EOS <|endoftext|>
-    assert cfg.model.latent_init == "hf" and cfg.model.num_latent == 1
+    assert cfg.model.latent_init == "hf" and cfg.model.num_latent == 1 and cfg.model.trim_vocab
     assert (cfg.grpo.advantage, cfg.grpo.advantage_scope, cfg.grpo.micro_step_prompts) == ("batch", "micro_step", 2)
     assert (cfg.grpo.batch_size, cfg.grpo.num_generations, cfg.grpo.noise_std) == (32, 8, 1.5)
     assert (cfg.sft.lr, cfg.sft.batch_size, cfg.sft.epochs, cfg.prompt.cutoff_len) == (3e-4, 128, 3, 512)

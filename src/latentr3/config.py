@@ -63,6 +63,10 @@ class ModelConfig:
     # (PyTorch's default Linear init, uniform +-1/sqrt(hidden) for weights and biases; the earlier
     # latentr3 default).
     latent_init: str = "hf"
+    # Resize the backbone's embedding and LM head to the tokenizer's length (after the latent token), as
+    # the authors' code does: Qwen2.5-1.5B has 151,936 rows for 151,666 tokens, and without trimming the
+    # 270 unused rows stay in every softmax (loss, reward, beam scores).  false = keep the checkpoint's rows.
+    trim_vocab: bool = False
     # LoRA on the backbone (LatentRATT is always trained in full).
     lora: bool = False
     lora_r: int = 8

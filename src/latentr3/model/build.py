@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from .backbones import add_latent_token, load_backbone
+from .backbones import add_latent_token, load_backbone, trim_vocab
 from .latent_lm import LatentR3Model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +33,8 @@ def build_model(cfg: ModelConfig, titles: list[str], item_noun: str, dtype: torc
     if tokenizer is not None:
         tok = tokenizer
     latent_id = add_latent_token(backbone, tok) if cfg.num_latent > 0 else None
+    if cfg.trim_vocab:
+        trim_vocab(backbone, tok)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
