@@ -107,9 +107,19 @@ def test_save_and_reload_round_trip(tmp_path):
 def test_repo_configs_load():
     paths = sorted((REPO_ROOT / "configs").glob("*.yaml"))
     assert paths, "configs/*.yaml is empty"
+    from latentr3.decoding.assistant import resolve_decoding
+    from latentr3.training.grpo import scope_prompts
+    from latentr3.training.sft import check_sft_config
+
+    assert REPO_ROOT / "configs" / "cds_qwen2.5-1.5b_official.yaml" in paths
     for path in paths:
         cfg = load_config(path)
         assert isinstance(cfg, Config), path
+        # the checks the recipes run first (model, prompt, sft, grpo scope, decoding)
+        check_sft_config(cfg)
+        scope_prompts(cfg.grpo)
+        if cfg.eval.decoding != "d3" or cfg.eval.assistant:
+            resolve_decoding(cfg.eval)
 
 
 def test_exponent_floats_without_dot(tmp_path):

@@ -257,3 +257,19 @@ def test_fast_step_runs_lora_layers_like_the_backbone_forward():
     assert fast.titles == slow.titles and fast.titles != plain.titles
     for a, b in zip(fast.scores, slow.scores):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_negative_length_penalty_is_rejected():
+    """p < 0 invalidates the stopping bound s / max_len**p (scores would no longer only fall)."""
+    import pytest
+
+    from latentr3.config import EvalConfig
+    from latentr3.decoding.assistant import resolve_decoding
+
+    model, tok, builder, cat = make(1)
+    trie = build_trie(cat, builder, output_vocab_size(model))
+    with pytest.raises(ValueError, match="length_penalty must be >= 0"):
+        beam_search_prompts(model, trie, [builder.prompt_ids(["Bad"])], tok.pad_token_id, length_penalty=-0.5)
+    with pytest.raises(ValueError, match="eval.length_penalty must be >= 0"):
+        resolve_decoding(EvalConfig(length_penalty=-1.0))
+    assert resolve_decoding(EvalConfig(length_penalty=0.5)).length_penalty == 0.5

@@ -48,7 +48,7 @@ def make_checkpoint(root: Path, data: Path, num_latent: int = 1, hidden: int = 3
     """A tiny untrained LatentR3 "SFT" checkpoint as sft.py writes it."""
     cat = read_catalogue(data / "info.txt")
     mcfg = ModelConfig(backbone="tiny", tiny_hidden=hidden, tiny_layers=1, tiny_heads=2, tiny_vocab=300,
-                       num_latent=num_latent)
+                       num_latent=num_latent, latent_init="torch")  # the scales below were tuned for it
     torch.manual_seed(0)
     model, tok = build_model(mcfg, cat.titles, "albums")
     meta = {"backbone": "tiny", "item_noun": "albums", "template": "short", "cutoff_len": 128}
@@ -151,6 +151,60 @@ def test_popularity_group_rule_hand_computed():
     assert torch.allclose(A.compute_advantages("popularity_group", s, groups, w), got)
     with pytest.raises(ValueError):
         A.compute_advantages("nope", s)
+
+
+def test_micro_step_scope_hand_computed():
+    """advantage_scope micro_step: the batch rule inside each chunk of micro_step_prompts prompts (the
+    authors' 2 GPUs x 1 prompt per micro-step), not over the whole optimizer batch."""
+    s = torch.tensor([[-2.0, -1.0], [-4.0, -5.0], [-1.0, -1.0], [-3.0, -2.0]])
+    # chunk 1 (rows 0, 1): s_bar = -3, centred [[1, 2], [-1, -2]], norm sqrt(10)
+    # chunk 2 (rows 2, 3): s_bar = -2, centred [[1, 1], [-1, 0]], norm sqrt(3)
+    want = torch.cat([torch.tensor([[1.0, 2.0], [-1.0, -2.0]]) / math.sqrt(10),
+                      torch.tensor([[1.0, 1.0], [-1.0, 0.0]]) / math.sqrt(3)])
+    assert torch.allclose(A.compute_advantages("batch", s, scope_prompts=2), want)
+    # batch scope: s_bar = mean(-2, -4, -1, -3) = -2.5 over all four prompts
+    c = s + 2.5
+    assert torch.allclose(A.compute_advantages("batch", s), c / c.pow(2).sum().sqrt())
+    assert torch.allclose(A.compute_advantages("batch", s, scope_prompts=4), c / c.pow(2).sum().sqrt())
+    with pytest.raises(ValueError, match="micro_step_prompts"):
+        A.compute_advantages("batch", s, scope_prompts=3)
+    # the config key, through grpo_step's resolution
+    g = GRPOConfig(advantage_scope="micro_step", micro_step_prompts=2, batch_size=32)
+    assert grpo.scope_prompts(g) == 2 and grpo.scope_prompts(GRPOConfig()) == 0
+    with pytest.raises(ValueError, match="grpo.micro_step_prompts"):
+        grpo.scope_prompts(GRPOConfig(advantage_scope="micro_step", micro_step_prompts=3, batch_size=32))
+    with pytest.raises(ValueError, match="grpo.advantage_scope"):
+        grpo.scope_prompts(GRPOConfig(advantage_scope="step"))
+
+
+def test_pooled_zscore_rule_hand_computed():
+    s = torch.tensor([[-2.0, -1.0], [-4.0, -5.0]])
+    # all four samples: mean -3, population std sqrt(10 / 4); batch: s_bar -3, norm sqrt(10)
+    z = torch.tensor([[1.0, 2.0], [-1.0, -2.0]]) / (math.sqrt(2.5) + 1e-4)
+    b = torch.tensor([[1.0, 2.0], [-1.0, -2.0]]) / math.sqrt(10)
+    got = A.compute_advantages("pooled_zscore", s, popularity_weight=0.8)
+    assert torch.allclose(got, 0.8 * z + 0.2 * b, atol=1e-6)
+    # under the micro-step scope: each chunk on its own
+    s2 = torch.cat([s, s * 2])
+    got2 = A.compute_advantages("pooled_zscore", s2, popularity_weight=0.8, scope_prompts=2)
+    assert torch.allclose(got2[:2], got, atol=1e-6)
+    assert torch.allclose(got2[2:], A.pooled_zscore_advantage(s * 2, 0.8), atol=1e-6)
+
+
+def test_grpo_step_uses_the_micro_step_scope(setup):
+    _, data, ckpt = setup
+    model, tok, builder = load(ckpt)
+    batch = a_batch(data, builder, tok, n=4)
+    g = GRPOConfig(num_generations=4, noise_std=0.5, lr=0.0, batch_size=4, micro_batch_size=2,
+                   advantage_scope="micro_step", micro_step_prompts=2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    noise = grpo.draw_noise(1, 0, 4, 4, 1, model.latent_ratt.hidden_size, g.noise_std)
+    st = grpo.grpo_step(model, opt, sched, _split(batch, 2), noise, g, _OneProcess())
+    r = st["rewards"]
+    want = torch.cat([A.batch_relative_advantage(r[:2]), A.batch_relative_advantage(r[2:])])
+    assert torch.allclose(st["advantages"], want, atol=1e-6)
+    assert not torch.allclose(st["advantages"], A.batch_relative_advantage(r), atol=1e-3)
 
 
 def test_popularity_groups_from_training_frequencies():

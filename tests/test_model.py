@@ -183,6 +183,9 @@ def test_no_latent_means_no_latent_ratt_gradient(tok, titles):
     for p in model.latent_ratt.parameters():
         assert p.grad is None or not p.grad.any()
     assert model.backbone.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    # Frozen: a trainable parameter without gradient makes DDP fail (tests/test_sft_distributed.py).
+    assert not any(p.requires_grad for p in model.latent_ratt.parameters())
+    assert make_model(tok, 1).latent_ratt.q_proj.weight.requires_grad
 
 
 def test_bad_model_arguments(tok):
@@ -228,12 +231,11 @@ def test_prompt_truncation_drops_oldest_titles(tok, titles):
     history = titles[:10]
     full = PromptBuilder(tok, "short", "movies", 10_000, 1)
     full_len = len(full.prompt_ids(history))
-    target = full.target_ids(titles[10])
-    cutoff = full_len // 2 + len(target) + 1
+    cutoff = full_len // 2 + 1
     b = PromptBuilder(tok, "short", "movies", cutoff, 1)
     prompt, tgt = b.example(history, titles[10])
-    assert tgt == target
-    assert len(prompt) + len(tgt) + 1 <= cutoff
+    assert tgt == full.target_ids(titles[10])
+    assert len(prompt) + 1 <= cutoff  # prompt + latent slot
     text = tok.decode(prompt)
     kept = [t for t in history if f'"{t}"' in text]
     assert 0 < len(kept) < len(history)
@@ -242,6 +244,27 @@ def test_prompt_truncation_drops_oldest_titles(tok, titles):
     # Nothing dropped when it fits.
     assert PromptBuilder(tok, "short", "movies", 10_000, 1).example(history, titles[10])[0] == \
         full.prompt_ids(history)
+
+
+def test_truncation_is_the_same_in_training_and_evaluation(tok, titles):
+    """One rule: a history gives the same prompt for training (tokenize_samples, whatever the target)
+    and for evaluation (prompt_ids, as evaluate_samples and Recommender call it)."""
+    from latentr3.data.dataset import tokenize_samples
+    from latentr3.data.splits import Sample
+
+    history = titles[:10]
+    full_len = len(PromptBuilder(tok, "short", "movies", 10_000, 1).prompt_ids(history))
+    long_title = " ".join(titles)  # a long target: reserving it would cut more history in training
+    for num_latent in (0, 1, 2):
+        b = PromptBuilder(tok, "short", "movies", full_len // 2 + num_latent, num_latent)
+        at_eval = b.prompt_ids(history)
+        assert len(at_eval) + num_latent <= b.cutoff_len < full_len
+        samples = [Sample(history, list(range(10)), t, 0, i + 2, {}) for i, t in
+                   enumerate([titles[10], long_title])]
+        for ex in tokenize_samples(samples, b):
+            assert ex.prompt == at_eval, num_latent
+        for target in (titles[10], long_title):
+            assert b.example(history, target)[0] == at_eval
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -323,3 +346,58 @@ def test_latent_diagnostics(tok, titles):
     assert z["latent_norm"] == 0.0 and z["logprob_gain"] == pytest.approx(0.0, abs=1e-6)
     assert latent_diagnostics(make_model(tok, 0), PromptBuilder(tok, "short", "movies", 512, 0), hist, targets,
                               ndcg, 1.5).keys() == {"users", "num_latent", "hidden", "noise_std", "noise_norm"}
+
+def test_latent_init_hf_and_torch(tok, titles):
+    """hf: normal(0, backbone initializer_range), zero bias (the authors' layer); torch: nn.Linear's."""
+    backbone = tiny_qwen2(len(tok), hidden=64, layers=1, heads=2)
+    backbone.config.initializer_range = 0.05
+    torch.manual_seed(0)
+    hf = LatentR3Model(backbone, 5, 1, latent_init="hf").latent_ratt
+    for lin in (hf.q_proj, hf.k_proj, hf.v_proj):
+        assert not lin.bias.any()
+        assert abs(lin.weight.std().item() - 0.05) < 0.005 and abs(lin.weight.mean().item()) < 0.005
+    th = LatentR3Model(backbone, 5, 1, latent_init="torch").latent_ratt
+    for lin in (th.q_proj, th.k_proj, th.v_proj):
+        bound = 1 / 64 ** 0.5
+        assert lin.bias.abs().max() <= bound and lin.bias.any()
+        assert lin.weight.abs().max() <= bound and lin.weight.std() > 0.5 * bound / 3 ** 0.5
+    with pytest.raises(ValueError, match="model.latent_init"):
+        LatentR3Model(backbone, 5, 1, latent_init="xavier")
+    # The config default is the authors' init, with the std of the backbone config.
+    cfg = ModelConfig(backbone="tiny", tiny_hidden=HIDDEN, tiny_layers=1, tiny_heads=2, tiny_vocab=500)
+    assert cfg.latent_init == "hf"
+    model, _ = build_model(cfg, titles, "movies")
+    std = model.backbone.config.initializer_range
+    assert not model.latent_ratt.q_proj.bias.any()
+    assert abs(model.latent_ratt.q_proj.weight.std().item() - std) < 0.25 * std
+
+
+def test_trim_vocab_drops_unused_rows(tok, titles, tmp_path):
+    """model.trim_vocab: embedding and LM head cut to len(tokenizer), as the authors' resize does."""
+    import copy
+
+    from latentr3.model.backbones import trim_vocab
+
+    tk = copy.deepcopy(tok)
+    backbone = tiny_qwen2(len(tk) + 10, hidden=HIDDEN, layers=1, heads=2)  # padding rows, as Qwen2.5's
+    latent_id = add_latent_token(backbone, tk)
+    assert backbone.get_input_embeddings().num_embeddings > len(tk)  # (tk may have had the token already)
+    keep = backbone.get_input_embeddings().weight[: len(tk)].detach().clone()
+    assert trim_vocab(backbone, tk) == len(tk)
+    assert backbone.get_input_embeddings().num_embeddings == len(tk)
+    assert backbone.get_output_embeddings().weight.shape[0] == len(tk)
+    assert torch.equal(backbone.get_input_embeddings().weight, keep)
+    model = LatentR3Model(backbone, latent_id, 1).eval()
+    pi, pm, ti, tm = batch(examples(tk, titles, 1), tk.pad_token_id)
+    with torch.no_grad():
+        ref = model(pi, pm, ti, tm)
+    model.save_pretrained(tmp_path / "ckpt", tk)
+    loaded, _, _ = LatentR3Model.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(pi, pm, ti, tm), ref)
+    with pytest.raises(ValueError, match="embedding rows"):
+        trim_vocab(tiny_qwen2(len(tk) - 1, hidden=HIDDEN, layers=1, heads=2), tk)
+    cfg = ModelConfig(backbone="tiny", tiny_hidden=HIDDEN, tiny_layers=1, tiny_heads=2, tiny_vocab=500,
+                      trim_vocab=True)
+    m, t = build_model(cfg, titles, "movies")
+    assert m.backbone.get_input_embeddings().num_embeddings == len(t)

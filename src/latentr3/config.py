@@ -58,6 +58,15 @@ class ModelConfig:
     num_latent: int = 1
     # RoPE base of LatentRATT's query/key rotation (the paper: 1000).
     latent_rope_base: float = 1000.0
+    # LatentRATT's initialisation: "hf" (the authors' layer: Hugging Face's _init_weights, weights
+    # normal(0, the backbone config's initializer_range, 0.02 for Qwen2.5), biases 0) or "torch"
+    # (PyTorch's default Linear init, uniform +-1/sqrt(hidden) for weights and biases; the earlier
+    # latentr3 default).
+    latent_init: str = "hf"
+    # Resize the backbone's embedding and LM head to the tokenizer's length (after the latent token), as
+    # the authors' code does: Qwen2.5-1.5B has 151,936 rows for 151,666 tokens, and without trimming the
+    # 270 unused rows stay in every softmax (loss, reward, beam scores).  false = keep the checkpoint's rows.
+    trim_vocab: bool = False
     # LoRA on the backbone (LatentRATT is always trained in full).
     lora: bool = False
     lora_r: int = 8
@@ -75,11 +84,15 @@ class ModelConfig:
 class PromptConfig:
     """How a history is turned into text."""
 
-    # "paper": the Alpaca-style instruction prompt of BIGRec/LatentR3; "short": one line, for tiny
-    # backbones on CPU; anything else is used as a template with {items} and {history} placeholders.
+    # "paper": a cleaned-up Alpaca-style instruction prompt of BIGRec/LatentR3; "official": the authors'
+    # released text exactly (typos and spacing included, instruction and user input tokenized as separate
+    # segments, as their code does; set data.item_noun to their category noun, e.g. "musics" for CDs, see
+    # data/prompts.py OFFICIAL_ITEM_NOUNS); "short": one line, for tiny backbones on CPU; anything else is
+    # used as a template with {items} and {history} placeholders.
     template: str = "paper"
-    # Maximum tokens of prompt + latents + target (the paper: 512); oldest history titles are dropped
-    # until the example fits.
+    # Maximum tokens of prompt + latent(s) (the paper: 512).  The oldest history titles are dropped until
+    # they fit; the same rule in training and at evaluation (the target is not counted: it is unknown at
+    # evaluation, and counting it would truncate one history differently for different targets).
     cutoff_len: int = 512
 
 
@@ -144,7 +157,7 @@ class EvalConfig:
     # at once the search stops).  The beams do not depend on it, and the search runs until no live beam
     # can enter the list, so the first 10 of a top-20 list are the top-10 list.
     top_k: int = 10
-    # 1.0: score = sum of token log-probs / length (BIGRec, the paper's setting); 0.0: plain sum (D3).
+    # 1.0: score = sum of token log-probs / length (BIGRec, the paper's setting); 0.0: plain sum (D3); >= 0.
     length_penalty: float = 1.0
     # Cut-offs of HR@K / NDCG@K; those above top_k are left out (set num_beams = top_k = 20 for @20).
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
@@ -214,11 +227,21 @@ class GRPOConfig:
     num_generations: int = 8
     # Standard deviation of the Gaussian noise added to the latent thought.
     noise_std: float = 1.5
-    # Advantage rule: batch (the paper: (s - mean of noise-free rewards) / L2 norm over the batch),
-    # group (z-score within each prompt's samples), popularity_group (see the docs of the rule).
+    # Advantage rule: batch (the paper: (s - mean of noise-free rewards) / L2 norm over the scope),
+    # group (z-score within each prompt's samples), popularity_group (see the docs of the rule in
+    # training/advantages.py: the fork's published "GRPO_Group" numbers do not use its popularity
+    # groups), pooled_zscore (popularity_weight x z-score over every sample of the scope +
+    # (1 - popularity_weight) x batch: what that fork effectively computes).
     advantage: str = "batch"
+    # Weight of the z-score term of popularity_group and pooled_zscore; number of popularity groups.
     popularity_weight: float = 0.8
     popularity_groups: int = 3
+    # Which rewards an advantage is computed over: "batch", the whole optimizer batch (batch_size
+    # prompts, independent of the process count); "micro_step", each chunk of micro_step_prompts
+    # prompts of the gathered batch, as the authors' code does (its advantage runs inside each
+    # micro-step over the rewards gathered from its 2 GPUs x 1 prompt = 2 prompts x 8 samples).
+    advantage_scope: str = "batch"
+    micro_step_prompts: int = 2
     # Prompts per optimizer step over all processes, and per micro-step per process.
     batch_size: int = 32
     micro_batch_size: int = 4

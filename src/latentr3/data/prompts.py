@@ -22,18 +22,44 @@ PAPER_TEMPLATE = (
 )
 SHORT_TEMPLATE = "{items}: {history}\nnext:"
 
-TEMPLATES = {"paper": PAPER_TEMPLATE, "short": SHORT_TEMPLATE}
+# The authors' released prompt (BIGRec/D3 lineage), typos, trailing spaces and the doubled plural
+# ("{items}s") included, as two segments that are tokenized separately and whose ids are concatenated
+# (instruction, then user input); the latent slot follows.  {items} is the category noun of
+# OFFICIAL_ITEM_NOUNS ("musics" for CDs).  Its last prompt token, LatentRATT's query, is " \n".
+OFFICIAL_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. \n\n"
+    "### Instruction:\n"
+    "Given a list of {items} the user recetenly enjoy, please write a new {items} that the user may bought\n",
+    "### User Input: \n"
+    "The user has palyed the following {items}s before: {history}\n\n"
+    "### Response: \n",
+)
+# The category nouns of the authors' code (data.item_noun for the official template).
+OFFICIAL_ITEM_NOUNS = {
+    "CDs_and_Vinyl": "musics",
+    "Toys_and_Games": "toys and games",
+    "Video_Games": "video games",
+    "Musical_Instruments": "music instruments",
+}
+
+TEMPLATES: dict[str, str | tuple[str, ...]] = {
+    "paper": PAPER_TEMPLATE, "short": SHORT_TEMPLATE, "official": OFFICIAL_TEMPLATE}
 
 
-def resolve_template(name_or_text: str) -> str:
-    """A named template, or the given text when it has the {history} placeholder."""
+def resolve_template(name_or_text: str) -> tuple[str, ...]:
+    """The segments of a named template, or the given text (one segment) when it has {history}.
+
+    Segments are tokenized one by one and their ids concatenated; only the last may hold {history}.
+    """
     if name_or_text in TEMPLATES:
-        return TEMPLATES[name_or_text]
+        t = TEMPLATES[name_or_text]
+        return (t,) if isinstance(t, str) else tuple(t)
     if "{history}" not in name_or_text:
         raise ValueError(
             f"prompt.template {name_or_text!r} is neither one of {sorted(TEMPLATES)} nor a template "
             "with a {history} placeholder")
-    return name_or_text
+    return (name_or_text,)
 
 
 def quote_titles(titles: list[str]) -> str:
@@ -46,7 +72,13 @@ def target_text(title: str) -> str:
 
 @dataclass
 class PromptBuilder:
-    """Renders and tokenizes prompts and targets for one tokenizer and template."""
+    """Renders and tokenizes prompts and targets for one tokenizer and template.
+
+    Truncation, one rule for training, validation and evaluation: the oldest history titles are dropped
+    until prompt + latent slot(s) fit in `cutoff_len` tokens.  The target does not count (it is unknown
+    at evaluation), so the same history always gives the same prompt; a training sequence is at most
+    cutoff_len + the target's length.
+    """
 
     tokenizer: object
     template: str = "paper"
@@ -55,18 +87,41 @@ class PromptBuilder:
     num_latent: int = 1
 
     def __post_init__(self) -> None:
-        self.template = resolve_template(self.template)
+        self.segments = resolve_template(self.template)
+        if any("{history}" in seg for seg in self.segments[:-1]):
+            raise ValueError("only the last segment of a prompt template may hold {history}")
+        # The segments before the last do not depend on the history: tokenized once.
+        self._head_ids: list[int] = []
+        for i, seg in enumerate(self.segments[:-1]):
+            self._head_ids += self._encode(seg.format(items=self.item_noun), first=i == 0)
         self._target_cache: dict[str, list[int]] = {}
 
-    def prompt_text(self, history_titles: list[str]) -> str:
-        return self.template.format(items=self.item_noun, history=quote_titles(history_titles))
+    def _encode(self, text, first: bool):
+        """Ids of one segment (or a list of them); special tokens (BOS) only for the prompt's start."""
+        return self.tokenizer(text, add_special_tokens=first)["input_ids"]
 
-    def prompt_ids(self, history_titles: list[str], reserve: int = 0) -> list[int]:
-        """Token ids of the prompt; oldest history titles are dropped until prompt + `reserve` fits."""
+    def _last_text(self, history_titles: list[str]) -> str:
+        return self.segments[-1].format(items=self.item_noun, history=quote_titles(history_titles))
+
+    def prompt_text(self, history_titles: list[str]) -> str:
+        head = "".join(seg.format(items=self.item_noun) for seg in self.segments[:-1])
+        return head + self._last_text(history_titles)
+
+    @property
+    def budget(self) -> int:
+        """Most prompt tokens: cutoff_len less the latent slot(s)."""
+        return self.cutoff_len - self.num_latent
+
+    def _untruncated(self, history_titles: list[str]) -> list[int]:
+        last = self._encode(self._last_text(history_titles), first=len(self.segments) == 1)
+        return self._head_ids + list(last)
+
+    def prompt_ids(self, history_titles: list[str]) -> list[int]:
+        """Token ids of the prompt; the oldest history titles are dropped until it fits `budget`."""
         titles = list(history_titles)
         while True:
-            ids = self.tokenizer(self.prompt_text(titles), add_special_tokens=True)["input_ids"]
-            if len(ids) + reserve <= self.cutoff_len or not titles:
+            ids = self._untruncated(titles)
+            if len(ids) <= self.budget or not titles:
                 return ids
             titles = titles[1:]
 
@@ -82,20 +137,19 @@ class PromptBuilder:
         return ids
 
     def example(self, history_titles: list[str], target_title: str) -> tuple[list[int], list[int]]:
-        target = self.target_ids(target_title)
-        prompt = self.prompt_ids(history_titles, reserve=len(target) + self.num_latent)
-        return prompt, target
+        return self.prompt_ids(history_titles), self.target_ids(target_title)
 
     def examples(self, pairs: list[tuple[list[str], str]]) -> list[tuple[list[int], list[int]]]:
         """`example` for many (history, target) pairs: one batched tokenizer call (the Rust tokenizer
         works through a batch in parallel, ~10x faster than a call per row); only the rare prompts that
-        exceed cutoff_len go through the one-by-one truncation."""
+        exceed the budget go through the one-by-one truncation."""
         targets = [self.target_ids(t) for _, t in pairs]
-        texts = [self.prompt_text(h) for h, _ in pairs]
-        prompts = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        texts = [self._last_text(h) for h, _ in pairs]
+        lasts = self._encode(texts, first=len(self.segments) == 1) if texts else []
         out = []
-        for (history, _), prompt, target in zip(pairs, prompts, targets):
-            if len(prompt) + len(target) + self.num_latent > self.cutoff_len:
-                prompt = self.prompt_ids(history, reserve=len(target) + self.num_latent)
-            out.append((list(prompt), target))
+        for (history, _), last, target in zip(pairs, lasts, targets):
+            prompt = self._head_ids + list(last)
+            if len(prompt) > self.budget:
+                prompt = self.prompt_ids(history)
+            out.append((prompt, target))
         return out

@@ -46,6 +46,9 @@ def resolve_decoding(cfg: EvalConfig) -> EvalConfig:
             raise ValueError("eval.decoding=d3 needs eval.assistant=<SASRec checkpoint directory> "
                              "(train one with `latentr3 baseline sasrec`)")
         out.length_penalty = 0.0
+    if not out.length_penalty >= 0:
+        raise ValueError(f"eval.length_penalty must be >= 0 (1: mean token log-prob, the paper; 0: sum, D3); "
+                         f"a negative one breaks the beam search's stopping bound, got {out.length_penalty}")
     if out.assistant and out.assistant_weight < 0:
         raise ValueError(f"eval.assistant_weight must be >= 0, got {out.assistant_weight}")
     return out

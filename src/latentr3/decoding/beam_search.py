@@ -278,6 +278,10 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
     forward.  `share_prefix` prefills the token prefix common to all prompts once.  `progress.update(n)`
     is called as users finish.
     """
+    if not length_penalty >= 0:
+        # With p < 0 a longer completion divides by a smaller L**p, so s / max_len**p is no upper bound
+        # and the search would stop early with a wrong ranking.
+        raise ValueError(f"length_penalty must be >= 0 (1: mean log-prob, 0: sum), got {length_penalty}")
     K, V, N = num_beams, trie.vocab_size, len(prompts)
     device = model.device
     if trie.row_ptr.device != device:

@@ -115,3 +115,17 @@ def add_latent_token(model, tokenizer) -> int:
     if latent_id >= model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return latent_id
+
+
+def trim_vocab(model, tokenizer) -> int:
+    """Resizes the embedding (and a tied or untied LM head) to exactly `len(tokenizer)` rows, as the
+    authors' code does: Qwen2.5 checkpoints carry 151,936 rows for 151,665 tokens, and the unused
+    padding rows otherwise stay in every softmax.  Returns the new row count; never grows the model."""
+    n = len(tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    if n > rows:
+        raise ValueError(f"the tokenizer has {n} tokens but the backbone only {rows} embedding rows")
+    if n < rows:
+        model.resize_token_embeddings(n, mean_resizing=False)
+    return n
+

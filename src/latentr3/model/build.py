@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from .backbones import add_latent_token, load_backbone
+from .backbones import add_latent_token, load_backbone, trim_vocab
 from .latent_lm import LatentR3Model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,10 +33,12 @@ def build_model(cfg: ModelConfig, titles: list[str], item_noun: str, dtype: torc
     if tokenizer is not None:
         tok = tokenizer
     latent_id = add_latent_token(backbone, tok) if cfg.num_latent > 0 else None
+    if cfg.trim_vocab:
+        trim_vocab(backbone, tok)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
         backbone = get_peft_model(backbone, lora)
-    return LatentR3Model(backbone, latent_id, cfg.num_latent, cfg.latent_rope_base), tok
+    return LatentR3Model(backbone, latent_id, cfg.num_latent, cfg.latent_rope_base, cfg.latent_init), tok

@@ -85,7 +85,10 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class LatentR3Model(nn.Module):
     def __init__(self, backbone, latent_token_id: int | None, num_latent: int = 1,
-                 rope_base: float = 1000.0):
+                 rope_base: float = 1000.0, latent_init: str = "torch"):
+        """`latent_init`: LatentRATT's initialisation (see LatentRATT); "hf" takes its std from the
+        backbone config's `initializer_range`.  `build_model` passes `model.latent_init` (default hf);
+        `from_pretrained` loads the saved weights over it."""
         super().__init__()
         if num_latent < 0:
             raise ValueError(f"num_latent must be >= 0, got {num_latent}")
@@ -95,7 +98,18 @@ class LatentR3Model(nn.Module):
         self.num_latent = num_latent
         self.latent_token_id = latent_token_id
         hidden = backbone.get_input_embeddings().embedding_dim
-        self.latent_ratt = LatentRATT(hidden, rope_base).float()
+        std = 0.02
+        if latent_init == "hf":
+            std = getattr(getattr(backbone, "config", None), "initializer_range", None)
+            if std is None:
+                raise ValueError("model.latent_init=hf needs the backbone config's initializer_range; "
+                                 "this backbone has none (use model.latent_init=torch)")
+        self.latent_ratt = LatentRATT(hidden, rope_base, latent_init, std).float()
+        if num_latent == 0:
+            # Never called without a latent slot: trainable but gradient-free parameters would make
+            # DistributedDataParallel fail on the second step (it waits for their gradients).  Kept,
+            # frozen, so that every checkpoint has the same files.
+            self.latent_ratt.requires_grad_(False)
         base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         params = inspect.signature(type(base).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

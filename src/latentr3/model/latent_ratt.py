@@ -20,9 +20,16 @@ class LatentRATT(nn.Module):
     a rotary position embedding (base 1000 in the paper) rotates Q and K by the positions the backbone
     gives those tokens, so left padding does not change the result.  The output vector is used as the
     input embedding of the latent token.  Parameters are kept in fp32 whatever the backbone's dtype.
+
+    Initialisation (`init`): "torch", PyTorch's default Linear init (uniform, fan-in scaled); "hf", what
+    Hugging Face's `_init_weights` gives the authors' layer (its weights are missing from the backbone
+    checkpoint): weights normal(0, `init_std`), the backbone config's `initializer_range`, biases zero.
     """
 
-    def __init__(self, hidden_size: int, rope_base: float = 1000.0):
+    INITS = ("hf", "torch")
+
+    def __init__(self, hidden_size: int, rope_base: float = 1000.0, init: str = "torch",
+                 init_std: float = 0.02):
         super().__init__()
         if hidden_size % 2:
             raise ValueError(f"LatentRATT needs an even hidden size for RoPE, got {hidden_size}")
@@ -33,6 +40,14 @@ class LatentRATT(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=True)
         inv_freq = 1.0 / (rope_base ** (torch.arange(0, hidden_size, 2, dtype=torch.float32) / hidden_size))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if init not in self.INITS:
+            raise ValueError(f"model.latent_init must be one of {self.INITS}, got {init!r}")
+        if init == "hf":  # "torch": nn.Linear has already initialised itself
+            if not init_std > 0:
+                raise ValueError(f"LatentRATT's hf init needs a std > 0, got {init_std}")
+            for lin in (self.q_proj, self.k_proj, self.v_proj):
+                nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+                nn.init.zeros_(lin.bias)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., D/2)

@@ -5,6 +5,13 @@ noise-free sample of its prompt.  Every rule returns advantages of the same shap
 whole optimizer batch gathered over all processes, so the result depends neither on the number of
 processes nor on the micro-batch size (the trainer gathers before calling these).
 
+Scope (``grpo.advantage_scope``): "batch" applies a rule to the whole optimizer batch; "micro_step"
+applies it separately to consecutive chunks of ``grpo.micro_step_prompts`` prompts of the gathered batch
+(rows in the global batch order, itself a random permutation of the data), which reproduces the
+authors' code: their trainer computes the advantage inside each micro-step over the rewards gathered
+from its processes (2 GPUs x 1 prompt x 8 samples = 2 prompts), whatever the optimizer batch.  The
+chunks here do not depend on the number of processes.
+
 Standard deviations are population standard deviations (``unbiased=False``): they are defined for a group
 of a single sample (a z-score of 0) and give z-scores of unit root-mean-square.
 """
@@ -12,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-ADVANTAGE_RULES = ("batch", "group", "popularity_group")
+ADVANTAGE_RULES = ("batch", "group", "popularity_group", "pooled_zscore")
+ADVANTAGE_SCOPES = ("batch", "micro_step")
 
 
 def perplexity_reward(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,6 +60,11 @@ def popularity_group_advantage(rewards: torch.Tensor, groups: torch.Tensor, weig
     ``groups`` (P,) gives each prompt's popularity group (see `popularity_groups`); ``z_pop`` is the
     z-score of a sample among all samples in the batch whose prompt is in the same popularity group
     (``(s - mean_g) / (std_g + eps)``); ``A_batch`` is `batch_relative_advantage`; ``w`` = `weight`.
+
+    The published "GRPO_Group" numbers on CDs (HR@10 0.1012, a fork of the authors' code) do not come
+    from this rule: in that code the group list is built from rewards gathered twice and then truncated,
+    so every sample falls in one group and the popularity groups end up unused.  What it computes is
+    close to `pooled_zscore` (one group) under ``advantage_scope: micro_step`` (16 gathered samples).
     """
     r = rewards.double()
     z = torch.zeros_like(r)
@@ -63,9 +76,30 @@ def popularity_group_advantage(rewards: torch.Tensor, groups: torch.Tensor, weig
     return out.to(rewards.dtype)
 
 
+def pooled_zscore_advantage(rewards: torch.Tensor, weight: float, eps: float = 1e-4) -> torch.Tensor:
+    """``A = w * (s - mean) / (std + eps) + (1 - w) * A_batch``, mean and std over every sample given.
+
+    `popularity_group_advantage` with a single group: the rule that the fork's "GRPO_Group" code
+    effectively computes (see there), under its own name.  ``w`` = `weight` (grpo.popularity_weight).
+    """
+    return popularity_group_advantage(rewards, torch.zeros(rewards.shape[0], dtype=torch.long), weight, eps)
+
+
 def compute_advantages(rule: str, rewards: torch.Tensor, groups: torch.Tensor | None = None,
-                       popularity_weight: float = 0.8) -> torch.Tensor:
-    """Dispatch on the config name (``grpo.advantage``)."""
+                       popularity_weight: float = 0.8, scope_prompts: int = 0) -> torch.Tensor:
+    """Dispatch on the config name (``grpo.advantage``).
+
+    `scope_prompts` > 0 (``advantage_scope: micro_step``): the rule runs separately on each chunk of
+    that many consecutive prompts (rows); 0: on all rows at once.
+    """
+    if scope_prompts:
+        P = rewards.shape[0]
+        if scope_prompts < 0 or P % scope_prompts:
+            raise ValueError(f"{P} prompts do not split into chunks of grpo.micro_step_prompts={scope_prompts}")
+        return torch.cat([compute_advantages(rule, rewards[i:i + scope_prompts],
+                                             None if groups is None else groups[i:i + scope_prompts],
+                                             popularity_weight)
+                          for i in range(0, P, scope_prompts)])
     if rule == "batch":
         return batch_relative_advantage(rewards)
     if rule == "group":
@@ -74,6 +108,8 @@ def compute_advantages(rule: str, rewards: torch.Tensor, groups: torch.Tensor | 
         if groups is None:
             raise ValueError("the popularity_group advantage needs each prompt's popularity group")
         return popularity_group_advantage(rewards, groups, popularity_weight)
+    if rule == "pooled_zscore":
+        return pooled_zscore_advantage(rewards, popularity_weight)
     raise ValueError(f"grpo.advantage must be one of {ADVANTAGE_RULES}, got {rule!r}")
 
 

@@ -50,8 +50,8 @@ from ..config import Config, GRPOConfig
 from ..model.latent_lm import LatentR3Model, Prefix
 from ..evaluation.diagnostics import DIAGNOSTICS_LOGGED, diagnose_records
 from ..evaluation.evaluate import build_trie, evaluate_samples, output_vocab_size
-from .advantages import (ADVANTAGE_RULES, compute_advantages, item_frequencies, popularity_groups,
-                         popularity_scores, popularity_thresholds, perplexity_reward)
+from .advantages import (ADVANTAGE_RULES, ADVANTAGE_SCOPES, compute_advantages, item_frequencies,
+                         popularity_groups, popularity_scores, popularity_thresholds, perplexity_reward)
 from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
                      make_accelerator)
 
@@ -226,6 +226,18 @@ def _all_reduce_mean_grads(params: list[torch.nn.Parameter], accelerator) -> Non
         i += n
 
 
+def scope_prompts(g: GRPOConfig) -> int:
+    """Prompts per advantage computation: 0 = the whole batch (advantage_scope batch)."""
+    if g.advantage_scope not in ADVANTAGE_SCOPES:
+        raise ValueError(f"grpo.advantage_scope must be one of {ADVANTAGE_SCOPES}, got {g.advantage_scope!r}")
+    if g.advantage_scope == "batch":
+        return 0
+    if g.micro_step_prompts < 1 or g.batch_size % g.micro_step_prompts:
+        raise ValueError(f"grpo.micro_step_prompts must be >= 1 and divide grpo.batch_size {g.batch_size}, "
+                         f"got {g.micro_step_prompts}")
+    return g.micro_step_prompts
+
+
 def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[dict], noise: torch.Tensor,
               g: GRPOConfig, accelerator, groups: torch.Tensor | None = None, ref_ratt=None,
               train_backbone: bool = False) -> dict:
@@ -248,7 +260,7 @@ def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[di
     local_rewards = torch.cat([ro.rewards for ro in rollouts])
     rewards = accelerator.gather(local_rewards.contiguous())
     adv = compute_advantages(g.advantage, rewards.float(), None if groups is None else groups.to(rewards.device),
-                             g.popularity_weight)
+                             g.popularity_weight, scope_prompts(g))
     start = accelerator.process_index * local_rewards.shape[0]
     local_adv = adv[start:start + local_rewards.shape[0]]
     k = 0
@@ -331,6 +343,7 @@ def train_grpo(cfg: Config) -> Path:
         raise ValueError("grpo.init must name the SFT checkpoint to start from")
     if g.advantage not in ADVANTAGE_RULES:
         raise ValueError(f"grpo.advantage must be one of {ADVANTAGE_RULES}, got {g.advantage!r}")
+    scope_prompts(g)
     if g.prefix_cache not in ("keep", "recompute"):
         raise ValueError(f"grpo.prefix_cache must be keep or recompute, got {g.prefix_cache!r}")
     if g.num_generations < 1 or g.num_iterations < 1:
@@ -338,6 +351,9 @@ def train_grpo(cfg: Config) -> Path:
     if 10 not in cfg.eval.ks or cfg.eval.top_k < 10:
         raise ValueError(f"GRPO picks its checkpoint by validation {NDCG_KEY}: eval.top_k must be >= 10 and "
                          f"eval.ks must hold 10 (got top_k {cfg.eval.top_k}, ks {cfg.eval.ks})")
+    from ..decoding.assistant import resolve_decoding
+
+    resolve_decoding(cfg.eval)  # the validation's decoding settings fail now, not after the first steps
     out = Path(g.output_dir)
     best_dir, last_dir = out / "best", out / "last"
     accelerator = make_accelerator(g.batch_size, g.micro_batch_size, mixed_precision="no")

@@ -74,6 +74,10 @@ def check_sft_config(cfg: Config) -> None:
         problems.append(f"sft.scheduler must be one of {sorted(SCHEDULERS)}, got {s.scheduler!r}")
     if cfg.model.num_latent < 0:
         problems.append(f"model.num_latent must be >= 0, got {cfg.model.num_latent}")
+    from ..model.latent_ratt import LatentRATT
+
+    if cfg.model.latent_init not in LatentRATT.INITS:
+        problems.append(f"model.latent_init must be one of {LatentRATT.INITS}, got {cfg.model.latent_init!r}")
     if cfg.prompt.cutoff_len < 1:
         problems.append(f"prompt.cutoff_len must be >= 1, got {cfg.prompt.cutoff_len}")
     try:
