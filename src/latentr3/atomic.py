@@ -136,7 +136,18 @@ def recover_directory(path: str | Path) -> None:
     path = Path(path)
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.is_dir():
-        old.rename(path)
+        with contextlib.suppress(FileNotFoundError, FileExistsError, OSError):
+            old.rename(path)  # another process of the same run may have done it first
+
+
+def fault_injection_pause() -> None:
+    """Fault-injection hook for the kill tests: LATENTR3_TEST_SLOW_SAVE=<seconds> holds a directory save
+    between its content and its manifest, so a test can SIGKILL a process in the middle of a save."""
+    delay = os.environ.get("LATENTR3_TEST_SLOW_SAVE")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
 
 
 @contextlib.contextmanager
@@ -150,6 +161,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fault_injection_pause()
         write_manifest(tmp)
         for p in tmp.rglob("*"):
             if p.is_file():

@@ -182,6 +182,9 @@ class EvalConfig:
     # entropy, the log-prob the latent adds, rank correlation of GRPO's reward with NDCG@10) over the
     # first this many evaluated users, in eval's summary and at every GRPO validation; 0 = off, -1 = all.
     diagnostics_sample: int = 500
+    # `latentr3 eval` appends every this many decoded users to recommendations.partial.jsonl, so a
+    # killed evaluation resumes where it stopped (0 = one chunk, nothing to resume from).
+    resume_every: int = 128
 
 
 @dataclass

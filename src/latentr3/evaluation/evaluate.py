@@ -7,6 +7,7 @@ recommendations gathered back, so the metrics equal a single-process run.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,10 +34,95 @@ class EvalResult:
     metrics: dict
     records: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    decoded: int | None = None  # users decoded in `seconds` (fewer than the records after a resume)
 
     @property
     def users_per_second(self) -> float:
-        return len(self.records) / self.seconds if self.seconds else 0.0
+        n = len(self.records) if self.decoded is None else self.decoded
+        return n / self.seconds if self.seconds else 0.0
+
+
+PARTIAL_NAME = "recommendations.partial.jsonl"
+
+
+def _read_partial(path: Path, fingerprint: dict) -> dict[int, dict] | None:
+    """Records of an interrupted evaluation with the same fingerprint, by row index; None when the file
+    belongs to another evaluation.  A torn last line (the kill hit an append) is left out; a bad line
+    elsewhere is an error naming it."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("fingerprint") != fingerprint:
+        return None
+    done: dict[int, dict] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                break  # torn append
+            raise ValueError(f"{path} line {n}: not a JSON record; delete the file to re-evaluate") from None
+        done[int(rec["index"])] = rec
+    return done
+
+
+def evaluate_resumable(model, tokenizer, builder: PromptBuilder, samples: list[Sample], catalogue: Catalogue,
+                       cfg: EvalConfig, out: Path, fingerprint: dict) -> EvalResult:
+    """`evaluate_samples` in chunks of cfg.resume_every users, each chunk appended (fsynced) to
+    out/recommendations.partial.jsonl, so a killed evaluation re-run with the same settings decodes only
+    the users not yet written.  Lists do not depend on which users share a batch, so the result equals an
+    uninterrupted run's."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from ..atomic import atomic_open
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    partial = out / PARTIAL_NAME
+    done: dict[int, dict] = {}
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        found = _read_partial(partial, fingerprint) if partial.exists() else None
+        if found is None and partial.exists():
+            print(f"{partial} belongs to another evaluation (model or settings differ): starting over")
+        done = found or {}
+        with atomic_open(partial) as f:  # header + the intact records (drops a torn last line)
+            f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+            for i in sorted(done):
+                f.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+        if done:
+            print(f"resuming evaluation: {len(done)} of {len(samples)} users already in {partial}")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        done = _read_partial(partial, fingerprint) or {}
+    todo = [i for i in range(len(samples)) if i not in done]
+    chunk = cfg.resume_every if cfg.resume_every > 0 else max(len(todo), 1)
+    bar = tqdm(total=len(samples), initial=len(done), desc="eval", unit="user",
+               disable=not state.is_main_process)
+    seconds = 0.0
+    trie = build_trie(catalogue, builder, output_vocab_size(model)) if todo else None
+    for start in range(0, len(todo), chunk):
+        idx = todo[start: start + chunk]
+        res = evaluate_samples(model, tokenizer, builder, [samples[i] for i in idx], catalogue, cfg, trie=trie)
+        seconds += res.seconds
+        recs = [{**r, "index": idx[r["index"]]} for r in res.records]
+        if state.is_main_process:
+            with partial.open("a", encoding="utf-8") as f:
+                for r in recs:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        done.update((r["index"], r) for r in recs)
+        bar.update(len(idx))
+    bar.close()
+    records = [done[i] for i in range(len(samples))]
+    metrics = compute_metrics([r["predicted"] for r in records], [r["target"] for r in records],
+                              title_counts(catalogue), reported_ks(cfg))
+    return EvalResult(metrics, records, seconds, decoded=len(todo))
 
 
 def build_trie(catalogue: Catalogue, builder: PromptBuilder, vocab_size: int) -> ItemTrie:
@@ -132,6 +218,14 @@ def builder_for_checkpoint(tokenizer, meta: dict, num_latent: int) -> PromptBuil
                          meta.get("cutoff_len", 512), num_latent)
 
 
+def _manifest_digest(ckpt: Path) -> str:
+    """sha256 of the checkpoint's MANIFEST.json: a partial evaluation of other weights is never reused."""
+    import hashlib
+
+    m = ckpt / "MANIFEST.json"
+    return hashlib.sha256(m.read_bytes()).hexdigest() if m.exists() else ""
+
+
 def checkpoint_label(path: str) -> str:
     """The row label of a checkpoint: its last two path parts ("sft/best", "grpo/best")."""
     parts = Path(path).resolve().parts
@@ -163,7 +257,13 @@ def run_eval(cfg: Config) -> dict:
         e = resolve_decoding(e)
         model, tokenizer, meta = LatentR3Model.from_pretrained(e.model, resolve_dtype(e.dtype, device), device)
         builder = builder_for_checkpoint(tokenizer, meta, model.num_latent)
-        result = evaluate_samples(model, tokenizer, builder, samples, catalogue, e, progress=True)
+        fingerprint = {"model": str(Path(e.model).resolve()), "split": e.split, "rows": len(samples),
+                       "sample": e.sample, "seed": e.seed, "num_beams": e.num_beams, "top_k": e.top_k,
+                       "length_penalty": e.length_penalty, "decoding": e.decoding, "assistant": e.assistant,
+                       "assistant_weight": e.assistant_weight, "dtype": e.dtype,
+                       "checkpoint": _manifest_digest(Path(e.model))}
+        result = evaluate_resumable(model, tokenizer, builder, samples, catalogue, e, Path(e.output_dir),
+                                    fingerprint)
         label = f"{checkpoint_label(e.model)} (LLM, {model.num_latent} latent)"
         extra = {"decoding": e.decoding, "assistant": e.assistant if e.assistant_weight else "",
                  "assistant_weight": e.assistant_weight if e.assistant else 0.0}
@@ -185,12 +285,15 @@ def run_eval(cfg: Config) -> dict:
                "users_per_second": result.users_per_second, "num_beams": e.num_beams,
                "length_penalty": e.length_penalty, "processes": state.num_processes, **extra}
     if state.is_main_process:
+        from ..atomic import atomic_open, atomic_write_json
+
         out = Path(e.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with (out / "recommendations.jsonl").open("w") as f:
+        with atomic_open(out / "recommendations.jsonl") as f:
             for r in result.records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out / "summary.json", summary)
+        (out / PARTIAL_NAME).unlink(missing_ok=True)
         print(f"\n{len(samples)} {e.split} rows, {result.users_per_second:.1f} users/s; "
               f"share of targets whose title is not unique: {result.metrics['share_nonunique_target_titles']:.3f}")
         print("\n" + render_tables(evidence, reported_ks(e)))

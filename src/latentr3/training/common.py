@@ -65,9 +65,16 @@ class RunState:
         return {k: v for k, v in self.__dict__.items() if k != "path"}
 
     def exists(self) -> bool:
+        from ..atomic import recover_directory
+
+        recover_directory(self.path)  # a kill between the two renames of the last save
         return (self.path / "run_state.json").exists()
 
     def load(self, accelerator) -> None:
+        from ..atomic import recover_directory, verify_manifest
+
+        recover_directory(self.path)
+        verify_manifest(self.path, "training state")  # names a torn or missing file
         accelerator.load_state(str(self.path))
         self.__dict__.update(json.loads((self.path / "run_state.json").read_text()))
 
@@ -78,7 +85,11 @@ class RunState:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # every rank has written its part (RNG states) before the swap
         if accelerator.is_main_process:
+            from ..atomic import fault_injection_pause, write_manifest
+
             (tmp / "run_state.json").write_text(json.dumps(self.to_dict()))
+            fault_injection_pause()
+            write_manifest(tmp)  # last: a state without it is incomplete and never loaded
             old = self.path.with_name("state.old")
             if self.path.exists():
                 self.path.rename(old)
