@@ -14,7 +14,9 @@ Options: --prompts 16 --micro 4 --generations 8 --history 10 --rounds 3 --thread
 The reference step follows the authors' design: every prompt is repeated G times and run in full for
 each of (1) the latent, (2) the old log-probs / rewards, (3) the latent again with grad and (4) the loss
 over prompt + latent + target.  Ours (`latentr3.training.grpo.grpo_step`) runs each prompt once, shares
-its KV cache with the G samples, and runs only latent + target tokens per sample.  Both are full
+its KV cache with the G samples, and runs only latent + target tokens per sample; by default
+(grpo.single_pass, num_iterations 1) the rollout's target pass keeps its graph and is the loss pass, the
+two-pass variants run it again for the loss.  Both are full
 optimizer steps on the same batch and noise; the variants are interleaved round by round.
 
 `reference_loss` is also the executable specification the tests compare our loss and gradients to.
@@ -161,17 +163,19 @@ def main(argv=None):
 
     variants = {
         "reference (4 full forwards)": lambda: reference_step(model, opt, micro, noise, g),
-        "ours, prefix_cache=keep": lambda: grpo.grpo_step(model, opt, sched, micro, noise, g, _OneProcess()),
-        "ours, prefix_cache=recompute": lambda: grpo.grpo_step(
-            model, opt, sched, micro, noise, GRPOConfig(**{**g.__dict__, "prefix_cache": "recompute"}),
-            _OneProcess()),
+        "ours, single pass (default)": lambda: grpo.grpo_step(model, opt, sched, micro, noise, g, _OneProcess()),
+        "ours, two passes, keep": lambda: grpo.grpo_step(
+            model, opt, sched, micro, noise, GRPOConfig(**{**g.__dict__, "single_pass": False}), _OneProcess()),
+        "ours, two passes, recompute": lambda: grpo.grpo_step(
+            model, opt, sched, micro, noise,
+            GRPOConfig(**{**g.__dict__, "single_pass": False, "prefix_cache": "recompute"}), _OneProcess()),
     }
     if args.profile:
         from torch.profiler import profile
 
-        variants["ours, prefix_cache=keep"]()
+        variants["ours, single pass (default)"]()
         with profile() as prof:
-            variants["ours, prefix_cache=keep"]()
+            variants["ours, single pass (default)"]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return
     times = {k: [] for k in variants}
@@ -186,10 +190,10 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t)
     samples = args.prompts * G
     ref = statistics.median(times["reference (4 full forwards)"])
-    print(f"\n{'step':32s} {'median s/step':>14s} {'samples/s':>10s} {'speed-up':>9s}")
+    print(f"\n{'step':32s} {'median s/step':>14s} {'samples/s':>10s} {'speed-up':>9s}  per-round s")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"{name:32s} {m:14.3f} {samples / m:10.1f} {ref / m:8.1f}x")
+        print(f"{name:32s} {m:14.3f} {samples / m:10.1f} {ref / m:8.1f}x  {' '.join(f'{t:.3f}' for t in ts)}")
 
 
 if __name__ == "__main__":

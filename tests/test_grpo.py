@@ -351,22 +351,39 @@ def test_single_pass_step_matches_reference_step(setup):
     g = GRPOConfig(num_generations=G, noise_std=1.0)
     grads = []
     losses = []
-    for impl in ("ours", "reference"):
+    for impl in ("reference", "ours", "ours, rollout as the loss pass"):
         model, tok, builder = load(ckpt)
         batch = a_batch(data, builder, tok)
         noise = noise_for(model, 4, G)
-        if impl == "ours":
-            ro = grpo.rollout(model, batch, noise, G)
+        if impl == "reference":
+            loss = bench.reference_loss(model, batch, noise, G, g)
+        else:
+            ro = (grpo.rollout(model, batch, noise, G) if impl == "ours"
+                  else grpo.rollout_with_graph(model, batch, noise, G))
             ro.advantages = A.compute_advantages("batch", ro.rewards).reshape(-1)
             loss, _ = grpo.policy_loss(model, ro, G, g.clip_eps_low, g.clip_eps_high)
-        else:
-            loss = bench.reference_loss(model, batch, noise, G, g)
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.latent_ratt.named_parameters()})
-    assert math.isclose(losses[0], losses[1], rel_tol=1e-4, abs_tol=1e-7)
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-7), n
+    for other in (1, 2):
+        assert math.isclose(losses[0], losses[other], rel_tol=1e-4, abs_tol=1e-7)
+        for n in grads[0]:
+            assert torch.allclose(grads[0][n], grads[other][n], rtol=1e-3, atol=1e-7), n
+
+
+def test_single_pass_step_equals_two_pass_step(setup):
+    _, data, ckpt = setup
+    weights, stats = [], []
+    for single in (True, False):
+        model, tok, builder = load(ckpt)
+        g = GRPOConfig(num_generations=4, lr=0.05, single_pass=single)
+        micro = _split(a_batch(data, builder, tok), 2)
+        stats.append(_step(model, a_batch(data, builder, tok), noise_for(model, 4, 4), g, micro))
+        weights.append({n: p.detach().clone() for n, p in model.latent_ratt.named_parameters()})
+    assert torch.allclose(stats[0]["rewards"], stats[1]["rewards"], atol=1e-6)
+    assert stats[0]["clip_fraction"] == stats[1]["clip_fraction"] == 0.0
+    for n in weights[0]:
+        assert torch.allclose(weights[0][n], weights[1][n], atol=1e-6), n
 
 
 def _load_bench():

@@ -263,6 +263,12 @@ class GRPOConfig:
     # the rollout's prompt pass (no recomputation; holds the batch's prompt caches until the update),
     # "recompute" runs the prompt again under no_grad (less memory).
     prefix_cache: str = "keep"
+    # (added for the single-pass trainer) With one policy update per rollout (num_iterations 1), no KL
+    # (beta 0) and a frozen backbone, the rollout's target pass keeps its graph and is the loss pass
+    # (the PPO ratio is then exactly 1): one forward per sample instead of two.  Costs memory: the
+    # graphs of this process's whole batch are held until the advantages are known.  false = the
+    # two-pass step (rollout under no_grad, then a loss pass), which is also used otherwise.
+    single_pass: bool = True
     # KL penalty to the SFT model's latent policy (0 = none, the paper).
     beta: float = 0.0
     # Also train a LoRA adapter on the (otherwise frozen) backbone.

@@ -142,6 +142,7 @@ class Rollout:
     prefix: Prefix | None = None   # the prompt pass, kept for the loss passes (prefix_cache=keep)
     ref_logprobs: torch.Tensor | None = None  # (P*G, T) under the frozen reference LatentRATT
     advantages: torch.Tensor | None = None    # (P*G,) set after the batch's rewards are gathered
+    logprobs: torch.Tensor | None = None      # (P*G, T) with its graph: the rollout is the loss pass
 
 
 @torch.no_grad()
@@ -162,6 +163,21 @@ def rollout(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int, keep
     return Rollout(batch, noise, logp, rewards, tmask, prefix if keep_prefix else None, ref)
 
 
+def rollout_with_graph(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int) -> Rollout:
+    """A rollout whose target pass keeps its graph, so it is also the loss pass (grpo.single_pass).
+
+    With one policy update per rollout (num_iterations 1) the PPO ratio is exp(logp - logp.detach()) = 1,
+    so the loss needs the very log-probs the rollout computes: the second pass of the two-pass step
+    recomputes them.  The prompt pass stays under no_grad (the backbone is frozen)."""
+    noise = noise.reshape(-1, *noise.shape[-2:]).to(model.device)
+    with torch.no_grad():
+        prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+    tmask = batch["target_mask"].repeat_interleave(G, dim=0)
+    logp = sample_logprobs(model, prefix, G, noise, batch["target_ids"])
+    old = logp.detach()
+    return Rollout(batch, noise, old, perplexity_reward(old, tmask).view(-1, G), tmask, logprobs=logp)
+
+
 def policy_loss(model: LatentR3Model, ro: Rollout, G: int, clip_low: float, clip_high: float,
                 beta: float = 0.0, train_backbone: bool = False) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate of one rollout micro-batch (mean over its sequences) and token statistics.
@@ -169,12 +185,15 @@ def policy_loss(model: LatentR3Model, ro: Rollout, G: int, clip_low: float, clip
     The prompt pass is the kept one (forked) or, without it, recomputed (under no_grad unless the
     backbone trains, i.e. LoRA).
     """
-    if ro.prefix is not None and not train_backbone:
-        prefix = fork_prefix(ro.prefix)
+    if ro.logprobs is not None:
+        logp, ro.logprobs = ro.logprobs, None  # the rollout's own pass (its graph is used once)
     else:
-        with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
-            prefix = model.prefill(ro.batch["prompt_ids"], ro.batch["prompt_mask"])
-    logp = sample_logprobs(model, prefix, G, ro.noise, ro.batch["target_ids"])
+        if ro.prefix is not None and not train_backbone:
+            prefix = fork_prefix(ro.prefix)
+        else:
+            with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+                prefix = model.prefill(ro.batch["prompt_ids"], ro.batch["prompt_mask"])
+        logp = sample_logprobs(model, prefix, G, ro.noise, ro.batch["target_ids"])
     mask = ro.target_mask.to(logp.dtype)
     adv = ro.advantages.to(logp.dtype)[:, None]
     ratio = torch.exp(logp - ro.old_logprobs)
@@ -251,11 +270,13 @@ def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[di
     G = g.num_generations
     params = [p for p in model.parameters() if p.requires_grad]
     keep = g.prefix_cache == "keep" and not train_backbone
-    # --- rollouts for the whole batch (no grad)
+    single = g.single_pass and g.num_iterations == 1 and not g.beta and not train_backbone
+    # --- rollouts for the whole batch (no grad, or with the graph kept when they are the loss pass)
     rollouts, k = [], 0
     for mb in micro_batches:
         P = mb["prompt_ids"].shape[0]
-        rollouts.append(rollout(model, mb, noise[k:k + P], G, keep, ref_ratt))
+        rollouts.append(rollout_with_graph(model, mb, noise[k:k + P], G) if single
+                        else rollout(model, mb, noise[k:k + P], G, keep, ref_ratt))
         k += P
     local_rewards = torch.cat([ro.rewards for ro in rollouts])
     rewards = accelerator.gather(local_rewards.contiguous())
