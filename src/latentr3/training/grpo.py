@@ -326,6 +326,10 @@ def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[di
 
 
 # ============================================================================ the recipe
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
 def _freeze_for_grpo(model: LatentR3Model, cfg: Config) -> bool:
     """Freezes the backbone; LatentRATT (and a LoRA adapter with grpo.lora) train.  True if LoRA trains."""
     for p in model.parameters():
@@ -461,7 +465,7 @@ def train_grpo(cfg: Config) -> Path:
                   **{f"valid_{k}": v for k, v in diag.items() if k in DIAGNOSTICS_LOGGED})
         accelerator.print(f"step {state.step}: validation NDCG@10 {ndcg:.4f} (best {-state.best:.4f}); "
                           f"|r| {diag.get('latent_norm', 0):.2f} vs noise {diag['noise_norm']:.2f}, "
-                          f"rank corr(reward, NDCG) {diag.get('reward_ndcg_spearman')}")
+                          f"rank corr(reward, NDCG) {_fmt(diag.get('reward_ndcg_spearman'))}")
 
     # --- the loop
     from tqdm.auto import tqdm
