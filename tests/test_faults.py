@@ -133,3 +133,25 @@ def test_a_save_killed_between_its_renames_is_recovered(tmp_path):
     assert (target / "w.bin").read_bytes() == b"v2"
     assert not list(tmp_path.glob(".best.tmp-*"))
     shutil.rmtree(target)
+
+
+@pytest.mark.parametrize("errno_, where", [(28, "write"), (30, "replace")])
+def test_full_or_read_only_disk_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch, errno_, where):
+    import os
+
+    from latentr3 import atomic
+
+    target = tmp_path / "summary.json"
+    atomic.atomic_write_json(target, {"v": 1})
+    if where == "write":  # ENOSPC while the content is written
+        real = os.fsync
+        monkeypatch.setattr(atomic.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno_, "No space left on device")))
+    else:  # EROFS when the new file is renamed into place
+        monkeypatch.setattr(atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno_, "Read-only file system")))
+    with pytest.raises(atomic.OutputWriteError, match=rf"cannot write {target}.*(No space|Read-only).*unchanged"):
+        atomic.atomic_write_json(target, {"v": 2})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary file left
+    if where == "write":
+        assert real is os.fsync

@@ -28,7 +28,7 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_open",
+__all__ = ["CheckpointError", "OutputWriteError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_open",
            "atomic_directory", "write_manifest", "verify_manifest", "recover_directory", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -36,6 +36,10 @@ MANIFEST_NAME = "MANIFEST.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is incomplete or corrupt; the message names the file and what to do."""
+
+
+class OutputWriteError(OSError):
+    """A write that the file system refused (full, read-only, ...): names the path and what to do."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,6 +73,13 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise OutputWriteError(
+            f"cannot write {path}: {e.strerror or e} (errno {e.errno}); the previous version of the file, if "
+            f"any, is unchanged. Free space on that file system, make it writable, or choose another output "
+            f"directory, then re-run: finished work is kept") from e
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -150,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
+        from .atomic import CheckpointError, OutputWriteError
         from .config import ConfigError
         from .data.splits import DataFormatError
 
-        if isinstance(e, (ConfigError, DataFormatError, FileNotFoundError)):
+        if isinstance(e, (ConfigError, DataFormatError, FileNotFoundError, CheckpointError, OutputWriteError)):
             print(f"latentr3 {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
