@@ -112,6 +112,11 @@ class SFTConfig:
     epochs: int = 3
     # Stop after this many optimizer steps (0 = no limit, the epochs decide).
     max_steps: int = 0
+    # Length-grouped batches: each window of this many micro-batches of the shuffled data is sorted by
+    # length, so a micro-batch pads little (its micro-batches then go in random order); 0 = plain
+    # shuffle.  Measured on the demo's 12,000 MovieLens rows (short template): real / padded tokens
+    # 0.82 -> 0.93 at micro-batch 8 and 0.75 -> 0.90 at 32 with a window of 64 (16: 0.92 / 0.89).
+    group_by_length: int = 0
     warmup_steps: int = 20
     # Learning-rate schedule after warm-up: linear | cosine | constant.
     scheduler: str = "linear"

@@ -12,16 +12,33 @@ from torch.utils.data import Sampler
 
 
 class EpochShuffleSampler(Sampler):
-    """A permutation drawn from (seed, epoch): the order of any epoch can be rebuilt on resume."""
+    """A permutation drawn from (seed, epoch): the order of any epoch can be rebuilt on resume.
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    With `lengths` and `window` > 0 the permutation is cut into windows of `window` micro-batches of
+    `batch` rows, each window is sorted by length and its micro-batches are put in a random order (the
+    same generator): rows batched together have similar lengths, so little compute goes to padding,
+    while the data order stays random at the scale of the window (as transformers' group_by_length)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, lengths: list[int] | None = None,
+                 batch: int = 1, window: int = 0):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.lengths, self.batch, self.window = lengths, batch, window
 
     def __iter__(self):
         if not self.shuffle:
             return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if not self.lengths or self.window <= 0:
+            return iter(order)
+        span = self.batch * self.window
+        out: list[int] = []
+        for start in range(0, self.n, span):
+            chunk = sorted(order[start: start + span], key=lambda i: -self.lengths[i])
+            groups = [chunk[i: i + self.batch] for i in range(0, len(chunk), self.batch)]
+            for j in torch.randperm(len(groups), generator=g).tolist():
+                out.extend(groups[j])
+        return iter(out)
 
     def __len__(self) -> int:
         return self.n

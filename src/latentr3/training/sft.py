@@ -132,7 +132,8 @@ def train_sft(cfg: Config) -> Path:
     train_set = tokenize_samples(train_rows, builder)
     valid_set = tokenize_samples(valid_rows, builder)
     pad = tokenizer.pad_token_id
-    sampler = EpochShuffleSampler(len(train_set), s.seed)
+    sampler = EpochShuffleSampler(len(train_set), s.seed, lengths=[len(e.prompt) + len(e.target) for e in train_set],
+                                  batch=s.micro_batch_size, window=s.group_by_length)
     train_loader = DataLoader(train_set, batch_size=s.micro_batch_size, sampler=sampler,
                               collate_fn=lambda b: collate(b, pad))
     valid_loader = DataLoader(valid_set, batch_size=s.micro_batch_size, collate_fn=lambda b: collate(b, pad))
