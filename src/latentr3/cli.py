@@ -84,6 +84,16 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serving import ServeSettings, serve
+
+    return serve(ServeSettings(
+        model=args.model, host=args.host, port=args.port, max_batch_users=args.max_batch_users,
+        max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
+        num_beams=args.num_beams, catalogue=args.catalogue, device=args.device, dtype=args.dtype,
+        threads=args.threads, log_level=args.log_level))
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -139,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-beams", type=int, default=10)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(fn=cmd_recommend)
+    help_ = "serve recommendations over HTTP (FastAPI + uvicorn; POST /v1/recommend, /healthz, /metrics)"
+    sp = sub.add_parser("serve", help=help_, description=help_ + ". SIGTERM drains: accepted requests are "
+                        "answered, new ones get 503, then it exits 0.")
+    sp.add_argument("--model", required=True, help="checkpoint directory")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--max-batch-users", type=int, default=16, help="users decoded at once (default 16)")
+    sp.add_argument("--max-queue", type=int, default=256,
+                    help="users waiting for a place in the batch before new requests get 429 (default 256)")
+    sp.add_argument("--timeout-s", type=float, default=30.0, help="a request unanswered after this gets 504")
+    sp.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sp.add_argument("--num-beams", type=int, default=10, help="beams per user, also the largest k (default 10)")
+    sp.add_argument("--catalogue", help="catalogue file (default: the checkpoint's copy)")
+    sp.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sp.set_defaults(fn=cmd_serve)
     with_config("config", "print the resolved config (defaults + file + overrides)", cmd_config)
     from .data.prepare import add_prepare_parser
 

@@ -101,6 +101,7 @@ class DecodingEngine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._calls: deque[tuple[object, Future]] = deque()   # work for the model's thread (call())
         self.steps = 0
 
     # ------------------------------------------------------------------ submitting (any thread)
@@ -133,6 +134,28 @@ class DecodingEngine:
             self._cond.notify_all()
         return [r.future for r in requests]
 
+    def call(self, fn) -> Future:
+        """Runs fn() in the thread that owns the model, between two beam steps; its future gets the result."""
+        fut: Future = Future()
+        with self._cond:
+            if self._closed and self._thread is not None and not self._thread.is_alive():
+                raise EngineClosed("the decoding engine has stopped")
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        if self._thread is None:
+            self._run_calls()
+        return fut
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, fut = self._calls.popleft()
+            if fut.cancelled():
+                continue
+            try:
+                _resolve(fut, fn())
+            except Exception as e:  # noqa: BLE001 - the caller gets it
+                _resolve(fut, error=e)
+
     # ------------------------------------------------------------------ decoding (one thread)
     def _take_waiting(self, n: int, now: float) -> list[DecodeRequest]:
         out = []
@@ -152,6 +175,8 @@ class DecodingEngine:
 
     def step(self) -> list[DecodeRequest]:
         """Admits waiting users when due, runs one beam step; returns the requests it answered."""
+        if self._calls:
+            self._run_calls()
         now = time.monotonic()
         done: list[DecodeRequest] = []
         try:
@@ -208,9 +233,9 @@ class DecodingEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._active and not self._closed:
+                while not self._waiting and not self._active and not self._calls and not self._closed:
                     self._cond.wait()
-                if self._closed and not self._waiting and not self._active:
+                if self._closed and not self._waiting and not self._active and not self._calls:
                     return
             self.step()
 

@@ -43,11 +43,14 @@ class LatentRATT(nn.Module):
                 query_hidden: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
         """keys_hidden (B, T, D), key_positions (B, T), key_mask (B, T) True where attendable,
         query_hidden (B, D), query_position (B,) -> latent (B, D) in fp32."""
-        keys_hidden = keys_hidden.float()
+        weights = self.attention(keys_hidden, key_positions, key_mask, query_hidden, query_position)
+        return torch.einsum("bt,btd->bd", weights, self.v_proj(keys_hidden.float()))
+
+    def attention(self, keys_hidden: torch.Tensor, key_positions: torch.Tensor, key_mask: torch.Tensor,
+                  query_hidden: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
+        """The attention weights (B, T) of the query over the keys (0 at masked positions, rows sum to 1)."""
         q = self._rope(self.q_proj(query_hidden.float()), query_position)          # (B, D)
-        k = self._rope(self.k_proj(keys_hidden), key_positions)                    # (B, T, D)
-        v = self.v_proj(keys_hidden)                                               # (B, T, D)
+        k = self._rope(self.k_proj(keys_hidden.float()), key_positions)            # (B, T, D)
         scores = torch.einsum("bd,btd->bt", q, k) / math.sqrt(self.hidden_size)
         scores = scores.masked_fill(~key_mask.bool(), torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1)
-        return torch.einsum("bt,btd->bd", weights, v)
+        return torch.softmax(scores, dim=-1)
