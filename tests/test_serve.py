@@ -261,6 +261,7 @@ def test_past_the_deadline_gets_504_and_the_engine_recovers(servers):
         time.sleep(0.1)
     assert health["active_users"] == 0 and health["queue_depth"] == 0
     assert srv.metric('latentr3_errors_total{kind="deadline_exceeded"}') == 3
+    assert srv.metric("latentr3_users_abandoned_total") == 3
 
 
 def test_a_client_that_disconnects_mid_request_is_dropped_and_others_are_served(servers, recommender):
@@ -285,6 +286,7 @@ def test_a_client_that_disconnects_mid_request_is_dropped_and_others_are_served(
             break
         time.sleep(0.05)
     assert health["active_users"] == 0 and health["queue_depth"] == 0
+    assert srv.metric("latentr3_users_abandoned_total") >= 32      # dropped, not decoded for nobody
     r = srv.post("/v1/recommend", {"history": HISTORIES[1], "k": 4})
     (want,) = recommender.recommend([HISTORIES[1]], k=4)
     assert r.status_code == 200 and [i["title"] for i in r.json()["items"]] == [w.title for w in want]

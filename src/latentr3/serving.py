@@ -123,11 +123,26 @@ class _Metrics:
         Gauge("latentr3_queue_depth", "users waiting for a place in the batch",
               registry=r).set_function(lambda: engine.queue_depth)
         Gauge("latentr3_active_users", "users being decoded", registry=r).set_function(lambda: engine.active)
+        r.register(_EngineCounters(engine))
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """The engine's own counters (kept by the engine thread) as Prometheus counters."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("latentr3_decode_steps", "beam steps run", value=self.engine.steps)
+        yield CounterMetricFamily("latentr3_users_abandoned", "users dropped unanswered (client gone, deadline)",
+                                  value=self.engine.abandoned)
 
 
 # ----------------------------------------------------------------------------------- ASGI gate

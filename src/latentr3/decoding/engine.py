@@ -103,6 +103,7 @@ class DecodingEngine:
         self._thread: threading.Thread | None = None
         self._calls: deque[tuple[object, Future]] = deque()   # work for the model's thread (call())
         self.steps = 0
+        self.abandoned = 0      # requests dropped unanswered: cancelled by their caller or past their deadline
 
     # ------------------------------------------------------------------ submitting (any thread)
     @property
@@ -163,9 +164,11 @@ class DecodingEngine:
             while self._waiting and len(out) < n:
                 req = self._waiting.popleft()
                 if req.future.cancelled():
+                    self.abandoned += 1
                     continue
                 if req.expired(now):
                     _resolve(req.future, error=DeadlineExceeded("deadline passed while queued"))
+                    self.abandoned += 1
                     continue
                 out.append(req)
         return out
@@ -185,6 +188,7 @@ class DecodingEngine:
                 if gone:
                     uids = {r.uid for r in gone}
                     self.batch.retire(lambda r: r.uid in uids)
+                    self.abandoned += len(gone)
                     for r in gone:
                         del self._active[r.uid]
                         _resolve(r.future, error=DeadlineExceeded("deadline passed while decoding"))
