@@ -72,15 +72,24 @@ def cmd_recommend(args) -> int:
     rec = Recommender.from_pretrained(args.model, catalogue=args.catalogue, num_beams=args.num_beams)
     history = [int(h) if args.ids else h for h in args.history]
     try:
-        (recs,) = rec.recommend([history], k=args.k, allow_free_text=args.allow_free_text)
+        (recs,) = rec.recommend([history], k=args.k, allow_free_text=args.allow_free_text,
+                                exclude_history=args.exclude_history)
+        explanation = rec.explain(rec.history_titles(history, args.allow_free_text)) if args.explain else None
     except UnknownItemError as e:
         print(f"latentr3 recommend: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([r.__dict__ for r in recs], ensure_ascii=False, indent=2))
+        out = [r.__dict__ for r in recs]
+        if explanation is not None:
+            out = {"items": out, "explanation": [{"title": t, "attention": a} for t, a in explanation]}
+        print(json.dumps(out, ensure_ascii=False, indent=2))
     else:
         for rank, r in enumerate(recs, 1):
             print(f"{rank:>3}. {r.title}  (score {r.score:.4f}, item ids {r.item_ids})")
+        if explanation is not None:
+            print("latent thought's attention per history title (the rest is on the template):")
+            for t, a in explanation:
+                print(f"  {a:6.1%}  {t}")
     return 0
 
 
@@ -145,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=10, help="number of titles (default 10)")
     sp.add_argument("--ids", action="store_true", help="--history gives item ids instead of titles")
     sp.add_argument("--allow-free-text", action="store_true", help="accept titles not in the catalogue")
+    sp.add_argument("--exclude-history", action="store_true", help="never recommend a title of the history")
+    sp.add_argument("--explain", action="store_true",
+                    help="also print the share of LatentRATT's attention on each history title")
     sp.add_argument("--catalogue", help="catalogue file (default: the checkpoint's copy)")
     sp.add_argument("--num-beams", type=int, default=10)
     sp.add_argument("--json", action="store_true", help="print JSON")
