@@ -73,8 +73,8 @@ def test_per_request_top_k_is_a_prefix_of_the_longer_list(varied):
         assert b.result().titles == a.result().titles[:k]
         assert b.result().scores == pytest.approx(a.result().scores[:k], abs=1e-5)
     with pytest.raises(ValueError, match="top_k"):
-        engine.submit(prompts[0], 5)
-        engine.run_until_idle()
+        engine.submit(prompts[0], 5)        # refused when submitted, before it can fail a batch
+    assert engine.queue_depth == 0
 
 
 def test_excluded_titles_are_masked_for_that_user_only():

@@ -331,12 +331,16 @@ class BeamBatch:
         if other:
             self._admit(other, 0)
 
+    def check(self, req) -> None:
+        """Raises ValueError for a request this batch cannot decode (called when it is submitted)."""
+        if not 1 <= req.top_k <= self.width:
+            raise ValueError(f"top_k must be in [1, {self.width}], got {req.top_k}")
+        if not req.prompt:
+            raise ValueError("empty prompt")
+
     @torch.no_grad()
     def _admit(self, reqs: list, start: int) -> None:
         model, act, device, K = self.model, self.act, self.device, self.K
-        for r in reqs:
-            if not 1 <= r.top_k <= self.width:
-                raise ValueError(f"top_k must be in [1, {self.width}], got {r.top_k}")
         ids, mask = left_pad([r.prompt[start:] for r in reqs], self.pad_id, device)
         prefix = model.think(model.prefill(ids, mask, self._shared_prefill() if start else None))
         n = len(reqs)

@@ -124,7 +124,12 @@ class DecodingEngine:
         return fut
 
     def submit_many(self, requests: list[DecodeRequest]) -> list[Future]:
-        """Queues all of `requests` or none (QueueFull / EngineClosed): a batch request is one unit."""
+        """Queues all of `requests` or none (QueueFull / EngineClosed, or the batch's ValueError for a
+        request it cannot decode): a batch request is one unit."""
+        check = getattr(self.batch, "check", None)
+        if check is not None:
+            for r in requests:
+                check(r)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the decoding engine is not accepting requests (shutting down)")
