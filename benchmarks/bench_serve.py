@@ -4,7 +4,7 @@ Run (a checkpoint written by `latentr3 sft|grpo`, its dataset's test split for t
 
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo/sft/best --config configs/demo.yaml
 
-Options: --levels 1 4 16 64 --seconds 10 (per level) --warmup 2 --max-batch-users 16 --threads 1
+Options: --levels 1 4 16 64 --seconds 10 (per level) --warmup 2 --max-batch-users 16 --admit-at 1 --threads 1
 (torch threads of the server and of the in-process baseline) --inproc-users 20 --check-users 20
 --overload-clients 96 --overload-queue 8 --overload-seconds 8 --overload-timeout 5 --out result.json
 
@@ -151,6 +151,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-batch-users", type=int, default=16)
+    p.add_argument("--admit-at", type=int, default=1, help="the server's --admit-at")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--inproc-users", type=int, default=20)
     p.add_argument("--check-users", type=int, default=20)
@@ -170,11 +171,12 @@ def main() -> None:
     rec = Recommender.from_pretrained(args.model, device="cpu")
     histories = test_histories(args, set(rec.catalogue.titles))
     print(f"{len(histories)} test histories; checkpoint {args.model}; torch threads {args.threads}; "
-          f"server max_batch_users {args.max_batch_users}", flush=True)
+          f"server max_batch_users {args.max_batch_users}, admit_at {args.admit_at}", flush=True)
 
     proc, url = start_server(args.model, args.threads, "--max-batch-users", str(args.max_batch_users),
-                             "--max-queue", "1024", "--timeout-s", "120")
-    result: dict = {"model": args.model, "threads": args.threads, "max_batch_users": args.max_batch_users}
+                             "--admit-at", str(args.admit_at), "--max-queue", "1024", "--timeout-s", "120")
+    result: dict = {"model": args.model, "threads": args.threads, "max_batch_users": args.max_batch_users,
+                    "admit_at": args.admit_at}
     try:
         # in-process baseline, server idle
         rec.recommend([histories[0]], k=args.k)                      # warm-up
@@ -205,7 +207,8 @@ def main() -> None:
         result["main_exit"] = stop_server(proc)
 
     proc, url = start_server(args.model, args.threads, "--max-batch-users", str(args.max_batch_users),
-                             "--max-queue", str(args.overload_queue), "--timeout-s", str(args.overload_timeout))
+                             "--admit-at", str(args.admit_at), "--max-queue", str(args.overload_queue),
+                             "--timeout-s", str(args.overload_timeout))
     try:
         over = asyncio.run(closed_loop(url, histories, args.overload_clients, args.overload_seconds, 0.0, args.k))
     finally:

@@ -39,6 +39,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_users: int = 16      # users decoded at once (each with num_beams beams)
+    admit_at: int = 1              # free batch places that trigger an admission (one prefill of the waiting)
     max_queue: int = 256           # users waiting for a place in the batch before 429
     timeout_s: float = 30.0        # a request still unanswered after this gets 504 (its decoding is dropped)
     max_body_bytes: int = 1 << 20  # larger bodies get 413
@@ -238,7 +239,7 @@ def create_app(recommender, settings: ServeSettings):
     def on_step(size: int) -> None:
         holder["metrics"].batch.observe(size)
 
-    engine = recommender.new_engine(settings.num_beams, settings.max_batch_users, admit_at=1,
+    engine = recommender.new_engine(settings.num_beams, settings.max_batch_users, admit_at=settings.admit_at,
                                     max_queue=settings.max_queue, on_step=on_step)
     metrics = holder["metrics"] = _Metrics(engine)
     state = {"draining": False, "inflight": 0, "latency_ewma": 0.0}
@@ -383,7 +384,7 @@ def create_app(recommender, settings: ServeSettings):
                              "length_penalty": cfg.length_penalty,
                              "shared_prefix_tokens": len(recommender.shared_prefix or [])},
                 "serving": {k: v for k, v in asdict(settings).items()
-                            if k in ("max_batch_users", "max_queue", "timeout_s", "max_body_bytes",
+                            if k in ("max_batch_users", "admit_at", "max_queue", "timeout_s", "max_body_bytes",
                                      "max_history", "max_histories")}}
 
     @app.get("/metrics", summary="Prometheus metrics (text format)")
