@@ -4,7 +4,7 @@ Run (a checkpoint written by `latentr3 sft|grpo`, its dataset's test split for t
 
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo/sft/best --config configs/demo.yaml
 
-Options: --levels 1 4 16 64 --seconds 10 (per level) --warmup 2 --max-batch-users 16 --admit-at 1 --threads 1
+Options: --levels 1 4 16 64 --seconds 5 (per level and round) --rounds 3 --warmup 1 --max-batch-users 16 --admit-at 0 --threads 1
 (torch threads of the server and of the in-process baseline) --inproc-users 20 --check-users 20
 --overload-clients 96 --overload-queue 8 --overload-seconds 8 --overload-timeout 5 --out result.json
 
@@ -16,7 +16,8 @@ What it does:
 3. checks that the server's list equals the in-process list for --check-users histories;
 4. closed loop at each concurrency c: c clients (one asyncio task each, over one httpx client with c
    connections) each send a request, wait for its answer, send the next, for --seconds after a --warmup;
-   histories are the test split's, round robin.  Reported: requests/s, p50/p95/p99 latency as the client
+   histories are the test split's, round robin.  The levels and the in-process baseline take turns
+   for --rounds rounds (a shared machine's load then hits them alike); the runs of a level are pooled.  Reported: requests/s, p50/p95/p99 latency as the client
    sees it (send to full answer), answers other than 200;
 5. overload: a second server with --max-queue --overload-queue and --timeout-s --overload-timeout,
    driven by --overload-clients closed-loop clients: every request must get 200, 429 or 504 (none
@@ -120,12 +121,21 @@ async def closed_loop(url: str, histories: list[list[str]], clients: int, second
                         lat.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(worker() for _ in range(clients)))
-    elapsed = time.perf_counter() - t_measure
+    return summarize(clients, [(time.perf_counter() - t_measure, lat, statuses, sent[0], dropped[0])])
+
+
+def summarize(clients: int, runs: list[tuple]) -> dict:
+    """Pools (seconds, latencies, statuses, sent, dropped) of one or more runs at one concurrency."""
+    seconds = sum(r[0] for r in runs)
+    lat = [x for r in runs for x in r[1]]
+    statuses = Counter()
+    for r in runs:
+        statuses.update(r[2])
     ok = statuses.get(200, 0)
-    return {"clients": clients, "sent": sent[0], "answered": sum(statuses.values()), "ok": ok,
-            "rps": ok / elapsed, "p50_ms": percentile(lat, 50) * 1e3, "p95_ms": percentile(lat, 95) * 1e3,
-            "p99_ms": percentile(lat, 99) * 1e3, "statuses": dict(statuses), "dropped": dropped[0],
-            "seconds": elapsed}
+    return {"clients": clients, "sent": sum(r[3] for r in runs), "answered": sum(statuses.values()), "ok": ok,
+            "rps": ok / seconds, "p50_ms": percentile(lat, 50) * 1e3, "p95_ms": percentile(lat, 95) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3, "statuses": dict(statuses), "dropped": sum(r[4] for r in runs),
+            "seconds": seconds, "runs": runs}
 
 
 def test_histories(args, catalogue_titles: set[str]) -> list[list[str]]:
@@ -147,13 +157,14 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="config naming the dataset")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. data.dir=...)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per level and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all levels (interleaved)")
+    p.add_argument("--warmup", type=float, default=1.0, help="untimed seconds before each timed run")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-batch-users", type=int, default=16)
-    p.add_argument("--admit-at", type=int, default=1, help="the server's --admit-at")
+    p.add_argument("--admit-at", type=int, default=0, help="the server's --admit-at (0 = its default)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--inproc-users", type=int, default=20)
+    p.add_argument("--inproc-users", type=int, default=30)
     p.add_argument("--check-users", type=int, default=20)
     p.add_argument("--overload-clients", type=int, default=96)
     p.add_argument("--overload-queue", type=int, default=8)
@@ -178,16 +189,7 @@ def main() -> None:
     result: dict = {"model": args.model, "threads": args.threads, "max_batch_users": args.max_batch_users,
                     "admit_at": args.admit_at}
     try:
-        # in-process baseline, server idle
         rec.recommend([histories[0]], k=args.k)                      # warm-up
-        inproc = []
-        for h in histories[: args.inproc_users]:
-            t0 = time.perf_counter()
-            rec.recommend([h], k=args.k)
-            inproc.append(time.perf_counter() - t0)
-        result["inproc_ms"] = statistics.median(inproc) * 1e3
-        print(f"in-process Recommender.recommend, one user: median {result['inproc_ms']:.1f} ms "
-              f"over {len(inproc)} users", flush=True)
         # the server's lists equal the in-process ones
         same = 0
         for h in histories[: args.check_users]:
@@ -196,12 +198,26 @@ def main() -> None:
             same += [g["title"] for g in got] == [w.title for w in want]
         result["lists_equal"] = f"{same}/{min(args.check_users, len(histories))}"
         print(f"server list == in-process list: {result['lists_equal']}", flush=True)
-        levels = []
-        for c in args.levels:
-            r = asyncio.run(closed_loop(url, histories, c, args.seconds, args.warmup, args.k))
-            levels.append(r)
-            print(f"  concurrency {c:>3}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
-                  f"p99 {r['p99_ms']:.1f} ms, statuses {r['statuses']}, dropped {r['dropped']}", flush=True)
+        # Rounds: the in-process baseline (server idle) and every level in turn, so that a change in
+        # the machine's load (a shared machine) hits all of them alike.
+        inproc, runs = [], {c: [] for c in args.levels}
+        per_round = max(1, args.inproc_users // args.rounds)
+        for rnd in range(args.rounds):
+            for h in histories[rnd * per_round: (rnd + 1) * per_round]:
+                t0 = time.perf_counter()
+                rec.recommend([h], k=args.k)
+                inproc.append(time.perf_counter() - t0)
+            for c in args.levels:
+                r = asyncio.run(closed_loop(url, histories, c, args.seconds, args.warmup, args.k))
+                runs[c] += r["runs"]
+                print(f"  round {rnd + 1} concurrency {c:>3}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
+                      f"statuses {r['statuses']}, dropped {r['dropped']}", flush=True)
+        result["inproc_ms"] = statistics.median(inproc) * 1e3
+        print(f"in-process Recommender.recommend, one user: median {result['inproc_ms']:.1f} ms "
+              f"over {len(inproc)} users", flush=True)
+        levels = [summarize(c, runs[c]) for c in args.levels]
+        for r in levels:
+            del r["runs"]
         result["levels"] = levels
     finally:
         result["main_exit"] = stop_server(proc)
@@ -211,6 +227,7 @@ def main() -> None:
                              "--timeout-s", str(args.overload_timeout))
     try:
         over = asyncio.run(closed_loop(url, histories, args.overload_clients, args.overload_seconds, 0.0, args.k))
+        del over["runs"]
     finally:
         result["overload_exit"] = stop_server(proc)
     bad = {s: n for s, n in over["statuses"].items() if s not in (200, 429, 504)}

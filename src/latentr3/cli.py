@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--max-batch-users", type=int, default=16, help="users decoded at once (default 16)")
-    sp.add_argument("--admit-at", type=int, default=1,
-                    help="free batch places that trigger an admission, one prefill for all waiting users that fit "
-                         "(default 1: admit at once; larger batches the prefills under load)")
+    sp.add_argument("--admit-at", type=int, default=0,
+                    help="free batch places that trigger an admission, one prefill for all waiting users that fit; "
+                         "an empty batch admits at once (default 0 = max(1, max-batch-users // 4))")
     sp.add_argument("--max-queue", type=int, default=256,
                     help="users waiting for a place in the batch before new requests get 429 (default 256)")
     sp.add_argument("--timeout-s", type=float, default=30.0, help="a request unanswered after this gets 504")
