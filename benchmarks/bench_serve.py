@@ -13,7 +13,8 @@ What it does:
 2. in-process baseline: `Recommender.from_pretrained(model).recommend([history], k)` for one user at a
    time, median latency over --inproc-users test histories (same machine, same thread count, the
    server idle);
-3. checks that the server's list equals the in-process list for --check-users histories;
+3. checks that the server's list equals the in-process list for --check-users histories (and, with
+   --eval-records, the lists of `latentr3 eval` on the same checkpoint);
 4. closed loop at each concurrency c: c clients (one asyncio task each, over one httpx client with c
    connections) each send a request, wait for its answer, send the next, for --seconds after a --warmup;
    histories are the test split's, round robin.  The levels and the in-process baseline take turns
@@ -170,6 +171,8 @@ def main() -> None:
     p.add_argument("--overload-queue", type=int, default=8)
     p.add_argument("--overload-seconds", type=float, default=8.0)
     p.add_argument("--overload-timeout", type=float, default=5.0)
+    p.add_argument("--eval-records", help="recommendations.jsonl of `latentr3 eval` on this checkpoint: the "
+                   "server's lists must equal its lists")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
 
@@ -198,6 +201,13 @@ def main() -> None:
             same += [g["title"] for g in got] == [w.title for w in want]
         result["lists_equal"] = f"{same}/{min(args.check_users, len(histories))}"
         print(f"server list == in-process list: {result['lists_equal']}", flush=True)
+        if args.eval_records:       # ... and the lists `latentr3 eval` wrote for the same checkpoint
+            recs = [json.loads(line) for line in Path(args.eval_records).read_text().splitlines()]
+            recs = recs[: args.check_users]
+            same = sum([g["title"] for g in httpx.post(url + "/v1/recommend", json={"history": r["history"],
+                        "k": len(r["predicted"])}, timeout=60).json()["items"]] == r["predicted"] for r in recs)
+            result["eval_lists_equal"] = f"{same}/{len(recs)}"
+            print(f"server list == `latentr3 eval` list: {result['eval_lists_equal']}", flush=True)
         # Rounds: the in-process baseline (server idle) and every level in turn, so that a change in
         # the machine's load (a shared machine) hits all of them alike.
         inproc, runs = [], {c: [] for c in args.levels}
