@@ -318,3 +318,22 @@ def test_sigterm_drains_accepted_requests_refuses_new_ones_and_exits_0(servers):
     assert [r.status_code for r in results] == [200, 200, 200]
     assert all(len(r.json()["results"]) == 12 for r in results)
     assert srv.proc.wait(60) == 0, srv.output()
+
+
+def test_serve_rejects_bad_options_before_loading(tmp_path, capsys):
+    from latentr3.cli import main
+
+    for opt, value in (("--timeout-s", "0"), ("--max-batch-users", "0"), ("--admit-at", "99"), ("--port", "70000")):
+        assert main(["serve", "--model", str(tmp_path / "missing"), opt, value]) == 2
+        assert opt in capsys.readouterr().err
+
+
+def test_recommend_cli_excludes_history_and_explains(servers, capsys):
+    from latentr3.cli import main
+
+    history = ["Blue Day 0", "Red Song 1"]
+    assert main(["recommend", "--model", str(servers["ckpt"]), "--history", *history, "-k", "10", "--json",
+                 "--exclude-history", "--explain"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["items"]) == 10 and not set(history) & {i["title"] for i in out["items"]}
+    assert [e["title"] for e in out["explanation"]] == history

@@ -57,6 +57,24 @@ class ServeSettings:
     log_level: str = "info"
 
 
+def check_settings(s: ServeSettings) -> None:
+    """ConfigError naming the first option out of range."""
+    from .config import ConfigError
+
+    rules = [("--max-batch-users", s.max_batch_users >= 1, "must be >= 1"),
+             ("--admit-at", 0 <= s.admit_at <= s.max_batch_users,
+              f"must be in [0, max-batch-users={s.max_batch_users}]"),
+             ("--max-queue", s.max_queue >= 0, "must be >= 0"),
+             ("--timeout-s", s.timeout_s > 0, "must be > 0"),
+             ("--max-body-bytes", s.max_body_bytes > 0, "must be > 0"),
+             ("--num-beams", s.num_beams >= 1, "must be >= 1"),
+             ("--port", 0 <= s.port <= 65535, "must be in [0, 65535]"),
+             ("--threads", s.threads >= 0, "must be >= 0")]
+    for name, ok, why in rules:
+        if not ok:
+            raise ConfigError(f"{name} {why}, got {getattr(s, name[2:].replace('-', '_'))}")
+
+
 # ----------------------------------------------------------------------------------- request schemas
 def _schemas(s: ServeSettings):
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -237,6 +255,7 @@ def create_app(recommender, settings: ServeSettings):
     from .decoding.engine import DeadlineExceeded, DecodeRequest, EngineClosed, QueueFull
     from .recommend import UnknownItemError
 
+    check_settings(settings)
     RecommendRequest, BatchRequest, RecommendResponse, BatchResponse = _schemas(settings)
     holder: dict = {}
 
@@ -449,6 +468,7 @@ def serve(settings: ServeSettings) -> int:
 
     from .recommend import Recommender
 
+    check_settings(settings)          # before the checkpoint is loaded
     if settings.threads:
         torch.set_num_threads(settings.threads)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

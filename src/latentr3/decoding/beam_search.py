@@ -28,8 +28,8 @@ into a dict.  Here every step is a handful of tensor operations over all beams o
 The search is a running batch (`BeamBatch`: `admit` / `step` / `retire`) driven by
 `engine.DecodingEngine`, which owns the queue and answers each request's future when its beams finish;
 `beam_search_prompts` (offline evaluation), `Recommender.recommend` and the HTTP server all go through
-it.  Each request has its own top_k (<= the batch's max_top_k) and may exclude titles (their leaves are
-masked for that user only).
+it.  Each request has its own top_k (<= the batch's max_top_k) and may exclude titles (for that user only,
+the trie nodes with nothing but excluded titles below them are masked).
 
 Scores are sum(log p) / length ** length_penalty, length = generated tokens including EOS
 (length_penalty 1 = BIGRec / the paper, 0 = plain sum as in D3).
@@ -267,7 +267,7 @@ class _ActiveUsers:
         self.logits = None        # (M, V') logits that score the rows' next tokens ...
         self.logit_row = e        # (R,) ... row r's are logits[logit_row[r]]
         self.cache = None         # DynamicCache whose layers are BeamKV
-        self.excluded = None      # sorted uid * num_titles + title index of every masked leaf, or None
+        self.excluded = None      # sorted uid * num_nodes + node of every trie node masked for a user, or None
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -300,6 +300,7 @@ class BeamBatch:
         # A beam with nothing left to extend sits on a leaf: a leaf has no out-edges, so no candidates.
         self.dead = int(self.trie.leaf_node_of_title[0])
         self.num_titles = len(self.trie.titles_unique)
+        self._item_title = None   # (num_items,) title index of each item position, built on first use
         self.shared_tokens = list(shared_prefix) if shared_prefix and len(shared_prefix) >= _MIN_SHARED_PREFIX \
             else None
         self._shared = None
@@ -383,10 +384,28 @@ class BeamBatch:
         if any(r.exclude for r in reqs):
             self._rebuild_excluded()
 
+    def _blocked_nodes(self, exclude) -> torch.Tensor:
+        """Trie nodes with nothing but excluded titles below them (their leaves and the paths that lead
+        only to them): a beam never enters one, so no beam is spent on a title it may not return."""
+        trie = self.trie
+        if self._item_title is None:
+            at_leaf = trie.leaf_title_index[trie.incidence_node] >= 0
+            self._item_title = torch.full((trie.num_items,), -1, dtype=torch.long, device=self.device)
+            self._item_title[trie.incidence_item[at_leaf]] = trie.leaf_title_index[trie.incidence_node[at_leaf]]
+        excluded = torch.isin(self._item_title, torch.tensor(list(exclude), dtype=torch.long, device=self.device))
+        below = trie.subtree_sum(excluded.float()[None])[0]                       # excluded items below a node
+        return torch.nonzero(below.round().long() == trie.node_item_count).view(-1)
+
     def _rebuild_excluded(self) -> None:
-        act, T = self.act, self.num_titles
-        keys = [r.uid * T + t for r in act.reqs for t in r.exclude]
-        act.excluded = torch.tensor(sorted(keys), dtype=torch.long, device=self.device) if keys else None
+        act, N = self.act, self.trie.num_nodes
+        keys = []
+        for r in act.reqs:
+            if r.exclude:
+                blocked = getattr(r, "_blocked", None)
+                if blocked is None:
+                    blocked = r._blocked = self._blocked_nodes(r.exclude)
+                keys.append(r.uid * N + blocked)
+        act.excluded = torch.cat(keys).sort().values if keys else None
 
     def _keep(self, kept: torch.Tensor) -> None:
         """Keeps the active users `kept` (indices, ascending): every per-user and per-row state."""
@@ -437,10 +456,9 @@ class BeamBatch:
         urow = torch.div(rows, K, rounding_mode="floor")
         if act.assistant is not None:   # text-free scores of the edges (D3), <= 0
             cand = cand + act.assistant.edge_scores(urow, act.nodes[rows], kids)
-        if act.excluded is not None:    # a user's excluded titles: their leaves are masked for it alone
-            title = trie.leaf_title_index[kids]
-            key = act.uids[urow] * self.num_titles + title
-            cand = cand.masked_fill((title >= 0) & torch.isin(key, act.excluded), NEG_INF)
+        if act.excluded is not None:    # a user's excluded titles: their subtrees are masked for it alone
+            key = act.uids[urow] * trie.num_nodes + kids
+            cand = cand.masked_fill(torch.isin(key, act.excluded), NEG_INF)
         top_val, e = _user_topk(cand, urow, U, 2 * K)                      # (U, 2K)
         alive = top_val > NEG_INF
         src, token, child = rows[e], tokens[e], kids[e]                    # src: row in the current batch
