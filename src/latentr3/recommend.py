@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,8 @@ class Recommender:
         self.trie = build_trie(catalogue, self.builder, output_vocab_size(model)).to(model.device)
         self._titles = set(catalogue.titles)
         self.shared_prefix = template_prefix(self.builder)
-        self._engines: dict[int, DecodingEngine] = {}
+        self._engines: dict[int, DecodingEngine] = {}   # recommend()'s synchronous engines, by beam count
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, catalogue: str | Path | None = None,
@@ -139,21 +141,24 @@ class Recommender:
                   exclude_history: bool = False) -> list[list[Recommendation]]:
         """Top-k catalogue titles for each history (titles or item ids, oldest first).
 
-        exclude_history: titles in a history are never recommended to it (their trie leaves are masked
-        for that user only), so the list still has k titles when the catalogue allows.
+        exclude_history: titles in a history are never recommended to it (the trie nodes with nothing
+        but those titles below them are masked for that user only), so the list still has k titles when
+        the catalogue allows.  Calls from several threads take turns (one lock); for concurrent callers
+        that should share a batch, start an engine (`new_engine(...).start()`), as the server does.
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         titles = [self.history_titles(h, allow_free_text) for h in histories]
         K = max(k, self.decoding.num_beams)
-        engine = self._engines.get(K)
-        if engine is None:
-            engine = self._engines[K] = self.new_engine(K)
         reqs = [DecodeRequest(self.prompt_ids(t), k, self.excluded_titles(t) if exclude_history else ())
                 for t in titles]
-        # shorter prompts first: users decoded together then have similar prompt lengths (less padding)
-        engine.submit_many(sorted(reqs, key=lambda r: len(r.prompt)))
-        engine.run_until_idle()
+        with self._lock:
+            engine = self._engines.get(K)
+            if engine is None:
+                engine = self._engines[K] = self.new_engine(K)
+            # shorter prompts first: users decoded together then have similar prompt lengths (less padding)
+            engine.submit_many(sorted(reqs, key=lambda r: len(r.prompt)))
+            engine.run_until_idle()
         return [[Recommendation(t, self.catalogue.items_with_title(t), s)
                  for t, s in zip(r.future.result().titles, r.future.result().scores)] for r in reqs]
 
