@@ -14,7 +14,8 @@ What it does:
    time, median latency over --inproc-users test histories (same machine, same thread count, the
    server idle);
 3. checks that the server's list equals the in-process list for --check-users histories (and, with
-   --eval-records, the lists of `latentr3 eval` on the same checkpoint);
+   --eval-records, the lists of `latentr3 eval` on the same checkpoint), timing each pair: the median
+   of (HTTP latency - in-process latency) for the same history is the HTTP layer's cost per request;
 4. closed loop at each concurrency c: c clients (one asyncio task each, over one httpx client with c
    connections) each send a request, wait for its answer, send the next, for --seconds after a --warmup;
    histories are the test split's, round robin.  The levels and the in-process baseline take turns
@@ -194,13 +195,19 @@ def main() -> None:
     try:
         rec.recommend([histories[0]], k=args.k)                      # warm-up
         # the server's lists equal the in-process ones
-        same = 0
-        for h in histories[: args.check_users]:
-            (want,) = rec.recommend([h], k=args.k)
-            got = httpx.post(url + "/v1/recommend", json={"history": h, "k": args.k}, timeout=60).json()["items"]
-            same += [g["title"] for g in got] == [w.title for w in want]
+        same, paired = 0, []
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for h in histories[: args.check_users]:
+                t0 = time.perf_counter()
+                (want,) = rec.recommend([h], k=args.k)
+                t1 = time.perf_counter()
+                got = client.post("/v1/recommend", json={"history": h, "k": args.k}).json()["items"]
+                paired.append((time.perf_counter() - t1) - (t1 - t0))
+                same += [g["title"] for g in got] == [w.title for w in want]
         result["lists_equal"] = f"{same}/{min(args.check_users, len(histories))}"
-        print(f"server list == in-process list: {result['lists_equal']}", flush=True)
+        result["http_overhead_ms"] = statistics.median(paired) * 1e3
+        print(f"server list == in-process list: {result['lists_equal']}; one request over HTTP minus the same "
+              f"history in-process (paired, median): {result['http_overhead_ms']:.1f} ms", flush=True)
         if args.eval_records:       # ... and the lists `latentr3 eval` wrote for the same checkpoint
             recs = [json.loads(line) for line in Path(args.eval_records).read_text().splitlines()]
             recs = recs[: args.check_users]
@@ -250,7 +257,8 @@ def main() -> None:
         non200 = r["answered"] - r["ok"]
         print(f"| {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['answered']} | {non200} |")
-    print(f"\nin-process recommend (one user): {result['inproc_ms']:.1f} ms median")
+    print(f"\nin-process recommend (one user): {result['inproc_ms']:.1f} ms median; HTTP overhead per request "
+          f"(paired): {result['http_overhead_ms']:.1f} ms")
     print(f"overload ({args.overload_clients} clients, max_queue {args.overload_queue}, timeout "
           f"{args.overload_timeout}s): sent {over['sent']}, answered {over['answered']} {over['statuses']}, "
           f"dropped {over['dropped']}, other statuses {bad}")
