@@ -16,8 +16,8 @@ What it does:
 3. checks that the server's list equals the in-process list for --check-users histories (and, with
    --eval-records, the lists of `latentr3 eval` on the same checkpoint), timing each pair: the median
    of (HTTP latency - in-process latency) for the same history is the HTTP layer's cost per request;
-4. closed loop at each concurrency c: c clients (one asyncio task each, over one httpx client with c
-   connections) each send a request, wait for its answer, send the next, for --seconds after a --warmup;
+4. closed loop at each concurrency c: c clients (one asyncio task each, with its own httpx client and
+   keep-alive connection) each send a request, wait for its answer, send the next, for --seconds after a --warmup;
    histories are the test split's, round robin.  The levels and the in-process baseline take turns
    for --rounds rounds (a shared machine's load then hits them alike); the runs of a level are pooled.  Reported: requests/s, p50/p95/p99 latency as the client
    sees it (send to full answer), answers other than 200;
@@ -99,9 +99,12 @@ async def closed_loop(url: str, histories: list[list[str]], clients: int, second
     t_start = time.perf_counter()
     t_measure, t_end = t_start + warmup, t_start + warmup + seconds
     nxt = [0]
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        async def worker():
+    # one client (one keep-alive connection) per worker: a shared pool of many connections costs the
+    # client more CPU per request (it runs on the same cores as the server)
+
+    async def worker():
+        async with httpx.AsyncClient(base_url=url, timeout=120,
+                                     limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as client:
             while True:
                 t0 = time.perf_counter()
                 if t0 >= t_end:
@@ -122,7 +125,7 @@ async def closed_loop(url: str, histories: list[list[str]], clients: int, second
                     if code == 200:
                         lat.append(time.perf_counter() - t0)
 
-        await asyncio.gather(*(worker() for _ in range(clients)))
+    await asyncio.gather(*(worker() for _ in range(clients)))
     return summarize(clients, [(time.perf_counter() - t_measure, lat, statuses, sent[0], dropped[0])])
 
 

@@ -309,6 +309,9 @@ def create_app(recommender, settings: ServeSettings):
         t0 = time.perf_counter()
         if state["draining"] or engine.closed:
             return error(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+        if body.explain and not recommender.model.num_latent:
+            return error(422, "invalid_request", "explain: this checkpoint has no latent thought (num_latent = 0)",
+                         field="explain")
         reqs = []
         for h, history in enumerate(histories):
             try:
@@ -365,7 +368,10 @@ def create_app(recommender, settings: ServeSettings):
             rec = {"items": [{"title": t, "item_ids": recommender.catalogue.items_with_title(t), "score": sc}
                              for t, sc in zip(res.titles, res.scores)]}
             if body.explain:
-                expl = await asyncio.wrap_future(engine.call(lambda t=req.history_titles: recommender.explain(t)))
+                try:        # in the thread that owns the model, between two beam steps
+                    expl = await asyncio.wrap_future(engine.call(lambda t=req.history_titles: recommender.explain(t)))
+                except EngineClosed:    # drained: no other thread uses the model any more
+                    expl = recommender.explain(req.history_titles)
                 rec["explanation"] = [{"title": t, "attention": a} for t, a in expl]
             out.append(rec)
         return out, latency

@@ -102,6 +102,7 @@ class DecodingEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._calls: deque[tuple[object, Future]] = deque()   # work for the model's thread (call())
+        self._stopped = False   # the thread has left its loop: nothing will run calls any more
         self.steps = 0
         self.abandoned = 0      # requests dropped unanswered: cancelled by their caller or past their deadline
 
@@ -144,8 +145,8 @@ class DecodingEngine:
         """Runs fn() in the thread that owns the model, between two beam steps; its future gets the result."""
         fut: Future = Future()
         with self._cond:
-            if self._closed and self._thread is not None and not self._thread.is_alive():
-                raise EngineClosed("the decoding engine has stopped")
+            if self._stopped:
+                raise EngineClosed("the decoding engine has stopped (the caller may now use the model itself)")
             self._calls.append((fn, fut))
             self._cond.notify_all()
         if self._thread is None:
@@ -245,6 +246,7 @@ class DecodingEngine:
                 while not self._waiting and not self._active and not self._calls and not self._closed:
                     self._cond.wait()
                 if self._closed and not self._waiting and not self._active and not self._calls:
+                    self._stopped = True
                     return
             self.step()
 
