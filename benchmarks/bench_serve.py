@@ -4,7 +4,7 @@ Run (a checkpoint written by `latentr3 sft|grpo`, its dataset's test split for t
 
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo/sft/best --config configs/demo.yaml
 
-Options: --levels 1 4 16 64 --seconds 5 (per level and round) --rounds 3 --warmup 1 --max-batch-users 16 --admit-at 0 --threads 1
+Options: --levels 1 4 16 64 --seconds 5 (per level and round) --rounds 3 --warmup 2 --max-batch-users 16 --admit-at 0 --threads 1
 (torch threads of the server and of the in-process baseline) --inproc-users 20 --check-users 20
 --overload-clients 96 --overload-queue 8 --overload-seconds 8 --overload-timeout 5 --out result.json
 
@@ -17,7 +17,8 @@ What it does:
    --eval-records, the lists of `latentr3 eval` on the same checkpoint), timing each pair: the median
    of (HTTP latency - in-process latency) for the same history is the HTTP layer's cost per request;
 4. closed loop at each concurrency c: c clients (one asyncio task each, with its own httpx client and
-   keep-alive connection) each send a request, wait for its answer, send the next, for --seconds after a --warmup;
+   keep-alive connection) each send a request, wait for its answer, send the next, for --warmup + --seconds;
+   throughput and latency count the requests that complete inside the --seconds window;
    histories are the test split's, round robin.  The levels and the in-process baseline take turns
    for --rounds rounds (a shared machine's load then hits them alike); the runs of a level are pooled.  Reported: requests/s, p50/p95/p99 latency as the client
    sees it (send to full answer), answers other than 200;
@@ -92,10 +93,14 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def closed_loop(url: str, histories: list[list[str]], clients: int, seconds: float, warmup: float,
                       k: int) -> dict:
-    """`clients` closed-loop clients for warmup + seconds; statistics over the timed part."""
+    """`clients` closed-loop clients for warmup + seconds.
+
+    Throughput and latency count the requests that complete inside the timed window (after the warmup);
+    `sent`, `answered`, `dropped` and the statuses count every request, window or not (the overload check).
+    """
     import httpx
 
-    lat, statuses, dropped, sent = [], Counter(), [0], [0]
+    lat, window, statuses, dropped, sent = [], Counter(), Counter(), [0], [0]
     t_start = time.perf_counter()
     t_measure, t_end = t_start + warmup, t_start + warmup + seconds
     nxt = [0]
@@ -105,41 +110,42 @@ async def closed_loop(url: str, histories: list[list[str]], clients: int, second
     async def worker():
         async with httpx.AsyncClient(base_url=url, timeout=120,
                                      limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as client:
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= t_end:
-                    return
+            while time.perf_counter() < t_end:
                 h = histories[nxt[0] % len(histories)]
                 nxt[0] += 1
-                timed = t0 >= t_measure
-                sent[0] += timed
+                sent[0] += 1
+                t0 = time.perf_counter()
                 try:
                     r = await client.post("/v1/recommend", json={"history": h, "k": k})
                     code = r.status_code
                     await r.aread()
                 except httpx.HTTPError:
-                    dropped[0] += timed
+                    dropped[0] += 1
                     continue
-                if timed:
-                    statuses[code] += 1
+                t1 = time.perf_counter()
+                statuses[code] += 1
+                if t_measure <= t1 <= t_end:
+                    window[code] += 1
                     if code == 200:
-                        lat.append(time.perf_counter() - t0)
+                        lat.append(t1 - t0)
 
     await asyncio.gather(*(worker() for _ in range(clients)))
-    return summarize(clients, [(time.perf_counter() - t_measure, lat, statuses, sent[0], dropped[0])])
+    return summarize(clients, [(seconds, lat, window, statuses, sent[0], dropped[0])])
 
 
 def summarize(clients: int, runs: list[tuple]) -> dict:
-    """Pools (seconds, latencies, statuses, sent, dropped) of one or more runs at one concurrency."""
+    """Pools (seconds, latencies, window statuses, all statuses, sent, dropped) of runs at one concurrency."""
     seconds = sum(r[0] for r in runs)
     lat = [x for r in runs for x in r[1]]
-    statuses = Counter()
+    window, statuses = Counter(), Counter()
     for r in runs:
-        statuses.update(r[2])
-    ok = statuses.get(200, 0)
-    return {"clients": clients, "sent": sum(r[3] for r in runs), "answered": sum(statuses.values()), "ok": ok,
-            "rps": ok / seconds, "p50_ms": percentile(lat, 50) * 1e3, "p95_ms": percentile(lat, 95) * 1e3,
-            "p99_ms": percentile(lat, 99) * 1e3, "statuses": dict(statuses), "dropped": sum(r[4] for r in runs),
+        window.update(r[2])
+        statuses.update(r[3])
+    ok = window.get(200, 0)
+    return {"clients": clients, "window_answers": sum(window.values()), "window_ok": ok, "rps": ok / seconds,
+            "p50_ms": percentile(lat, 50) * 1e3, "p95_ms": percentile(lat, 95) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3, "window_statuses": dict(window), "statuses": dict(statuses),
+            "sent": sum(r[4] for r in runs), "answered": sum(statuses.values()), "dropped": sum(r[5] for r in runs),
             "seconds": seconds, "runs": runs}
 
 
@@ -164,7 +170,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per level and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all levels (interleaved)")
-    p.add_argument("--warmup", type=float, default=1.0, help="untimed seconds before each timed run")
+    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each timed run")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-batch-users", type=int, default=16)
     p.add_argument("--admit-at", type=int, default=0, help="the server's --admit-at (0 = its default)")
@@ -257,9 +263,9 @@ def main() -> None:
     print("\n| concurrency | requests/s | p50 ms | p95 ms | p99 ms | answers | non-200 |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in levels:
-        non200 = r["answered"] - r["ok"]
+        non200 = r["window_answers"] - r["window_ok"]
         print(f"| {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['answered']} | {non200} |")
+              f"{r['window_answers']} | {non200} |")
     print(f"\nin-process recommend (one user): {result['inproc_ms']:.1f} ms median; HTTP overhead per request "
           f"(paired): {result['http_overhead_ms']:.1f} ms")
     print(f"overload ({args.overload_clients} clients, max_queue {args.overload_queue}, timeout "
