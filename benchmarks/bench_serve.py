@@ -4,9 +4,10 @@ Run (a checkpoint written by `latentr3 sft|grpo`, its dataset's test split for t
 
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo/sft/best --config configs/demo.yaml
 
-Options: --levels 1 4 16 64 --seconds 5 (per level and round) --rounds 3 --warmup 2 --max-batch-users 16 --admit-at 0 --threads 1
-(torch threads of the server and of the in-process baseline) --inproc-users 20 --check-users 20
---overload-clients 96 --overload-queue 8 --overload-seconds 8 --overload-timeout 5 --out result.json
+Options: --levels 1 4 16 64 --seconds 5 (per level and round) --rounds 3 --warmup 2
+--max-batch-users 16 --admit-at 0 --threads 1 (torch threads of the server and of the in-process
+baseline) --inproc-users 30 --check-users 20 --eval-records FILE --overload-clients 96
+--overload-queue 8 --overload-seconds 8 --overload-timeout 5 --out result.json
 
 What it does:
 1. starts `python -m latentr3 serve` as a subprocess on a free 127.0.0.1 port (never another address);
@@ -20,11 +21,16 @@ What it does:
    keep-alive connection) each send a request, wait for its answer, send the next, for --warmup + --seconds;
    throughput and latency count the requests that complete inside the --seconds window;
    histories are the test split's, round robin.  The levels and the in-process baseline take turns
-   for --rounds rounds (a shared machine's load then hits them alike); the runs of a level are pooled.  Reported: requests/s, p50/p95/p99 latency as the client
-   sees it (send to full answer), answers other than 200;
+   for --rounds rounds (a shared machine's load then hits them alike); the runs of a level are pooled.
+   Reported: requests/s, p50/p95/p99 latency as the client sees it (send to full answer), answers
+   other than 200;
 5. overload: a second server with --max-queue --overload-queue and --timeout-s --overload-timeout,
    driven by --overload-clients closed-loop clients: every request must get 200, 429 or 504 (none
    dropped, i.e. no transport error, and no other status).
+
+"server CPU (cores)" is the server process's CPU time over the level's wall time: on a machine shared
+with other jobs it shows how much of its one torch thread the server actually got (1.0 = a whole core,
+engine thread plus event loop).
 
 The three bars of issue 12: rps(16) >= 5 x rps(1); p50(1) <= 1.3 x in-process latency; overload: 0
 dropped, 0 answers other than 200/429/504.  The client runs on the same machine as the server: its own
@@ -81,6 +87,15 @@ def start_server(model: str, threads: int, *args: str) -> tuple[subprocess.Popen
 def stop_server(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(60)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -226,7 +241,7 @@ def main() -> None:
             print(f"server list == `latentr3 eval` list: {result['eval_lists_equal']}", flush=True)
         # Rounds: the in-process baseline (server idle) and every level in turn, so that a change in
         # the machine's load (a shared machine) hits all of them alike.
-        inproc, runs = [], {c: [] for c in args.levels}
+        inproc, runs, cpu_share = [], {c: [] for c in args.levels}, {c: [] for c in args.levels}
         per_round = max(1, args.inproc_users // args.rounds)
         for rnd in range(args.rounds):
             for h in histories[rnd * per_round: (rnd + 1) * per_round]:
@@ -234,7 +249,9 @@ def main() -> None:
                 rec.recommend([h], k=args.k)
                 inproc.append(time.perf_counter() - t0)
             for c in args.levels:
+                cpu0, t0 = process_cpu_seconds(proc.pid), time.perf_counter()
                 r = asyncio.run(closed_loop(url, histories, c, args.seconds, args.warmup, args.k))
+                cpu_share[c].append((process_cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - t0))
                 runs[c] += r["runs"]
                 print(f"  round {rnd + 1} concurrency {c:>3}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
                       f"statuses {r['statuses']}, dropped {r['dropped']}", flush=True)
@@ -244,6 +261,7 @@ def main() -> None:
         levels = [summarize(c, runs[c]) for c in args.levels]
         for r in levels:
             del r["runs"]
+            r["server_cpu_share"] = statistics.mean(cpu_share[r["clients"]])
         result["levels"] = levels
     finally:
         result["main_exit"] = stop_server(proc)
@@ -260,12 +278,12 @@ def main() -> None:
     result["overload"] = {**over, "other_statuses": bad}
 
     by_c = {r["clients"]: r for r in levels}
-    print("\n| concurrency | requests/s | p50 ms | p95 ms | p99 ms | answers | non-200 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| concurrency | requests/s | p50 ms | p95 ms | p99 ms | answers | non-200 | server CPU (cores) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in levels:
         non200 = r["window_answers"] - r["window_ok"]
         print(f"| {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['window_answers']} | {non200} |")
+              f"{r['window_answers']} | {non200} | {r['server_cpu_share']:.2f} |")
     print(f"\nin-process recommend (one user): {result['inproc_ms']:.1f} ms median; HTTP overhead per request "
           f"(paired): {result['http_overhead_ms']:.1f} ms")
     print(f"overload ({args.overload_clients} clients, max_queue {args.overload_queue}, timeout "
