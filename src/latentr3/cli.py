@@ -72,16 +72,35 @@ def cmd_recommend(args) -> int:
     rec = Recommender.from_pretrained(args.model, catalogue=args.catalogue, num_beams=args.num_beams)
     history = [int(h) if args.ids else h for h in args.history]
     try:
-        (recs,) = rec.recommend([history], k=args.k, allow_free_text=args.allow_free_text)
+        (recs,) = rec.recommend([history], k=args.k, allow_free_text=args.allow_free_text,
+                                exclude_history=args.exclude_history)
+        explanation = rec.explain(rec.history_titles(history, args.allow_free_text)) if args.explain else None
     except UnknownItemError as e:
         print(f"latentr3 recommend: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([r.__dict__ for r in recs], ensure_ascii=False, indent=2))
+        out = [r.__dict__ for r in recs]
+        if explanation is not None:
+            out = {"items": out, "explanation": [{"title": t, "attention": a} for t, a in explanation]}
+        print(json.dumps(out, ensure_ascii=False, indent=2))
     else:
         for rank, r in enumerate(recs, 1):
             print(f"{rank:>3}. {r.title}  (score {r.score:.4f}, item ids {r.item_ids})")
+        if explanation is not None:
+            print("latent thought's attention per history title (the rest is on the template):")
+            for t, a in explanation:
+                print(f"  {a:6.1%}  {t}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .serving import ServeSettings, serve
+
+    return serve(ServeSettings(
+        model=args.model, host=args.host, port=args.port, max_batch_users=args.max_batch_users,
+        admit_at=args.admit_at, max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
+        num_beams=args.num_beams, catalogue=args.catalogue, device=args.device, dtype=args.dtype,
+        threads=args.threads, log_level=args.log_level))
 
 
 def cmd_config(args) -> int:
@@ -135,10 +154,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=10, help="number of titles (default 10)")
     sp.add_argument("--ids", action="store_true", help="--history gives item ids instead of titles")
     sp.add_argument("--allow-free-text", action="store_true", help="accept titles not in the catalogue")
+    sp.add_argument("--exclude-history", action="store_true", help="never recommend a title of the history")
+    sp.add_argument("--explain", action="store_true",
+                    help="also print the share of LatentRATT's attention on each history title")
     sp.add_argument("--catalogue", help="catalogue file (default: the checkpoint's copy)")
     sp.add_argument("--num-beams", type=int, default=10)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(fn=cmd_recommend)
+    help_ = "serve recommendations over HTTP (FastAPI + uvicorn; POST /v1/recommend, /healthz, /metrics)"
+    sp = sub.add_parser("serve", help=help_, description=help_ + ". SIGTERM drains: accepted requests are "
+                        "answered, new ones get 503, then it exits 0.")
+    sp.add_argument("--model", required=True, help="checkpoint directory")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--max-batch-users", type=int, default=16, help="users decoded at once (default 16)")
+    sp.add_argument("--admit-at", type=int, default=0,
+                    help="free batch places that trigger an admission, one prefill for all waiting users that fit; "
+                         "an empty batch admits at once (default 0 = max(1, max-batch-users // 4))")
+    sp.add_argument("--max-queue", type=int, default=256,
+                    help="users waiting for a place in the batch before new requests get 429 (default 256)")
+    sp.add_argument("--timeout-s", type=float, default=30.0, help="a request unanswered after this gets 504")
+    sp.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sp.add_argument("--num-beams", type=int, default=10, help="beams per user, also the largest k (default 10)")
+    sp.add_argument("--catalogue", help="catalogue file (default: the checkpoint's copy)")
+    sp.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sp.set_defaults(fn=cmd_serve)
     with_config("config", "print the resolved config (defaults + file + overrides)", cmd_config)
     from .data.prepare import add_prepare_parser
 

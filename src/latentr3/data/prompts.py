@@ -118,11 +118,18 @@ class PromptBuilder:
 
     def prompt_ids(self, history_titles: list[str]) -> list[int]:
         """Token ids of the prompt; the oldest history titles are dropped until it fits `budget`."""
+        return self._fit(history_titles)[1]
+
+    def kept_titles(self, history_titles: list[str]) -> list[str]:
+        """The history titles `prompt_ids` keeps (the oldest are dropped to fit `budget`)."""
+        return self._fit(history_titles)[0]
+
+    def _fit(self, history_titles: list[str]) -> tuple[list[str], list[int]]:
         titles = list(history_titles)
         while True:
             ids = self._untruncated(titles)
             if len(ids) <= self.budget or not titles:
-                return ids
+                return titles, ids
             titles = titles[1:]
 
     def target_ids(self, title: str) -> list[int]:

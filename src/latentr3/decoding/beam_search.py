@@ -25,6 +25,12 @@ into a dict.  Here every step is a handful of tensor operations over all beams o
   rows then leave the batch and the KV cache, and waiting users are admitted in its place
   (continuous batching, `refill`).
 
+The search is a running batch (`BeamBatch`: `admit` / `step` / `retire`) driven by
+`engine.DecodingEngine`, which owns the queue and answers each request's future when its beams finish;
+`beam_search_prompts` (offline evaluation), `Recommender.recommend` and the HTTP server all go through
+it.  Each request has its own top_k (<= the batch's max_top_k) and may exclude titles (for that user only,
+the trie nodes with nothing but excluded titles below them are masked).
+
 Scores are sum(log p) / length ** length_penalty, length = generated tokens including EOS
 (length_penalty 1 = BIGRec / the paper, 0 = plain sum as in D3).
 """
@@ -38,6 +44,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..model.latent_lm import LatentR3Model, left_pad
 from .decoder_step import LlamaFamilyStep, attend_beams
+from .engine import DecodeRequest, DecodeResult, DecodingEngine
 from .trie import ItemTrie
 
 NEG_INF = float("-inf")
@@ -244,9 +251,13 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
 class _ActiveUsers:
     """The users being decoded: per-user and per-beam-row state, compacted and extended together."""
 
-    def __init__(self, device):
+    def __init__(self, device, width: int):
         e = torch.empty(0, dtype=torch.long, device=device)
-        self.users = e            # (U,) prompt index of each active user
+        self.reqs: list = []      # (U,) the DecodeRequest of each active user
+        self.uids = e             # (U,) their uids (keys of the excluded-title set)
+        self.top_k = e            # (U,) titles each user wants (<= width)
+        self.pool_scores = torch.empty(0, width, device=device)   # (U, width) best finished titles so far
+        self.pool_titles = e.new_empty(0, width)                   # their titles_unique index, -1 = none
         self.nodes = e            # (R,) trie node of each beam row, R = U * K
         self.sums = None          # (U, K) sum of the beams' log-probs (+ assistant scores); -inf = dead beam
         self.fed = e              # (U,) tokens generated and fed so far (equal for a user's beams)
@@ -256,73 +267,96 @@ class _ActiveUsers:
         self.logits = None        # (M, V') logits that score the rows' next tokens ...
         self.logit_row = e        # (R,) ... row r's are logits[logit_row[r]]
         self.cache = None         # DynamicCache whose layers are BeamKV
+        self.excluded = None      # sorted uid * num_nodes + node of every trie node masked for a user, or None
 
     def __len__(self) -> int:
-        return self.users.numel()
+        return len(self.reqs)
 
 
-@torch.no_grad()
-def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[int]], pad_id: int,
-                        max_users: int = 16, num_beams: int = 10, top_k: int = 10, length_penalty: float = 1.0,
-                        assistant=None, fast_step: bool = True, share_prefix: bool = True,
-                        refill: float = 1.0, progress=None) -> BeamResult:
-    """Top-k distinct catalogue titles for every prompt (token id lists), decoding up to `max_users` at once.
+class BeamBatch:
+    """The constrained beam search as a running batch that users join and leave between steps.
 
-    Memory stays bounded by `max_users`.  Continuous batching: waiting users are admitted (prefilled)
-    once a fraction `refill` of the `max_users` places is free, so the batch need not run its last steps
-    for a few slow users; refill = 1.0 admits only into an empty batch (static batches).  The results do
-    not depend on which users share a batch.  `assistant`, when given, maps a list of prompt indices to
-    their `decoding.assistant.AssistantScores` (D3): weight * log(subtree mass of child / of parent) is
-    added to every candidate edge.  `fast_step` runs the beam steps through `LlamaFamilyStep` when the
-    backbone is one it supports; False (or another architecture) runs them through the backbone's own
-    forward.  `share_prefix` prefills the token prefix common to all prompts once.  `progress.update(n)`
-    is called as users finish.
+    The batch object of `engine.DecodingEngine`: `admit(requests)` prefills the requests (after the
+    shared instruction prefix when their prompt starts with it) and adds them with one live root beam
+    each; `step()` runs one beam step for every active user and returns [(request, DecodeResult)] for
+    the users whose search ended.  A user's search does not depend on the other users in the batch.
+
+    num_beams K is fixed for the batch (the KV layout has K columns per user); each request asks for
+    its own top_k <= max_top_k and may exclude titles (their leaves are masked for that user only).
+    `assistant`, when given, maps a list of request keys to their `AssistantScores` (D3).
+    `shared_prefix`: token ids most prompts start with (the template's instruction), prefilled once.
     """
-    if not length_penalty >= 0:
-        # With p < 0 a longer completion divides by a smaller L**p, so s / max_len**p is no upper bound
-        # and the search would stop early with a wrong ranking.
-        raise ValueError(f"length_penalty must be >= 0 (1: mean log-prob, 0: sum), got {length_penalty}")
-    K, V, N = num_beams, trie.vocab_size, len(prompts)
-    device = model.device
-    if trie.row_ptr.device != device:
-        trie = trie.to(device)
-    run_step = LlamaFamilyStep(model.backbone) if fast_step and LlamaFamilyStep.supports(model.backbone) \
-        else _HFForwardStep(model)
-    leaf_depth = trie.subtree_max_depth                                    # (num_nodes,)
-    # A beam with nothing left to extend sits on a leaf: a leaf has no out-edges, so no candidates.
-    dead = int(trie.leaf_node_of_title[0])
-    pool_scores = torch.full((N, top_k), NEG_INF, device=device)
-    pool_titles = torch.full((N, top_k), -1, dtype=torch.long, device=device)
-    if not 0.0 < refill <= 1.0:
-        raise ValueError(f"refill must be in (0, 1], got {refill}")
-    admit_at = max(1, int(max_users * refill))   # free places that trigger an admission (one prefill)
-    queue = list(range(N))
-    act = _ActiveUsers(device)
-    # The token prefix all prompts share (the template's instruction: 75 of 121 tokens with the paper
-    # template on CDs) is prefilled once; each user's prefill runs only the rest.
-    shared, start = None, 0
-    if share_prefix and N > 1:
-        start = min(shared_prefix_length(prompts), min(len(p) for p in prompts) - 1)
-        if start >= _MIN_SHARED_PREFIX:
-            ids = torch.tensor([prompts[0][:start]], device=device)
-            shared = model.prefill(ids, torch.ones_like(ids))
-        else:
-            start = 0
 
-    def admit(idx: list[int]) -> None:
-        """Prefills the prompts `idx`, computes their latents and adds them with one live (root) beam each."""
-        ids, mask = left_pad([prompts[i][start:] for i in idx], pad_id, device)
-        prefix = model.think(model.prefill(ids, mask, shared))
-        n = len(idx)
+    def __init__(self, model: LatentR3Model, trie: ItemTrie, pad_id: int, num_beams: int = 10,
+                 max_top_k: int = 10, length_penalty: float = 1.0, assistant=None, fast_step: bool = True,
+                 shared_prefix: list[int] | None = None):
+        if not length_penalty >= 0:
+            # With p < 0 a longer completion divides by a smaller L**p, so s / max_len**p is no upper bound
+            # and the search would stop early with a wrong ranking.
+            raise ValueError(f"length_penalty must be >= 0 (1: mean log-prob, 0: sum), got {length_penalty}")
+        self.model, self.pad_id, self.K, self.width = model, pad_id, num_beams, max_top_k
+        self.length_penalty, self.assistant_of = length_penalty, assistant
+        self.device = device = model.device
+        self.trie = trie if trie.row_ptr.device == device else trie.to(device)
+        self.run_step = LlamaFamilyStep(model.backbone) if fast_step and LlamaFamilyStep.supports(model.backbone) \
+            else _HFForwardStep(model)
+        self.leaf_depth = self.trie.subtree_max_depth                      # (num_nodes,)
+        # A beam with nothing left to extend sits on a leaf: a leaf has no out-edges, so no candidates.
+        self.dead = int(self.trie.leaf_node_of_title[0])
+        self.num_titles = len(self.trie.titles_unique)
+        self._item_title = None   # (num_items,) title index of each item position, built on first use
+        self.shared_tokens = list(shared_prefix) if shared_prefix and len(shared_prefix) >= _MIN_SHARED_PREFIX \
+            else None
+        self._shared = None
+        self.act = _ActiveUsers(device, max_top_k)
+
+    def __len__(self) -> int:
+        return len(self.act)
+
+    def reset(self) -> None:
+        self.act = _ActiveUsers(self.device, self.width)
+
+    @torch.no_grad()
+    def _shared_prefill(self):
+        if self._shared is None:
+            ids = torch.tensor([self.shared_tokens], device=self.device)
+            self._shared = self.model.prefill(ids, torch.ones_like(ids))
+        return self._shared
+
+    def admit(self, reqs: list) -> None:
+        """Prefills `reqs` (one call per group: those after the shared prefix, the others) and adds them."""
+        S = self.shared_tokens
+        if S is None:
+            return self._admit(reqs, 0)
+        n = len(S)
+        after = [r for r in reqs if len(r.prompt) > n and r.prompt[:n] == S]
+        other = [r for r in reqs if not (len(r.prompt) > n and r.prompt[:n] == S)]
+        if after:
+            self._admit(after, n)
+        if other:
+            self._admit(other, 0)
+
+    def check(self, req) -> None:
+        """Raises ValueError for a request this batch cannot decode (called when it is submitted)."""
+        if not 1 <= req.top_k <= self.width:
+            raise ValueError(f"top_k must be in [1, {self.width}], got {req.top_k}")
+        if not req.prompt:
+            raise ValueError("empty prompt")
+
+    @torch.no_grad()
+    def _admit(self, reqs: list, start: int) -> None:
+        model, act, device, K = self.model, self.act, self.device, self.K
+        ids, mask = left_pad([r.prompt[start:] for r in reqs], self.pad_id, device)
+        prefix = model.think(model.prefill(ids, mask, self._shared_prefill() if start else None))
+        n = len(reqs)
         layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, K) for layer in prefix.cache.layers]
-        nodes = torch.full((n, K), dead, dtype=torch.long, device=device)
+        nodes = torch.full((n, K), self.dead, dtype=torch.long, device=device)
         nodes[:, 0] = 0                                                    # the root; the other beams dead
         sums = torch.full((n, K), NEG_INF, device=device)
         sums[:, 0] = 0.0
         rows_of = len(act.logits) if act.logits is not None else 0
         logit_row = rows_of + torch.arange(n, device=device).repeat_interleave(K)
-        new_users = torch.tensor(idx, dtype=torch.long, device=device)
-        scores = assistant(idx) if assistant is not None else None
+        scores = self.assistant_of([r.key for r in reqs]) if self.assistant_of is not None else None
         if act.cache is None:
             from transformers import DynamicCache
 
@@ -334,7 +368,12 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
                 layer.extend(extra)
             act.logits = torch.cat([act.logits, prefix.last_logits])
             act.sums = torch.cat([act.sums, sums])
-        act.users = torch.cat([act.users, new_users])
+        act.reqs = act.reqs + list(reqs)
+        act.uids = torch.cat([act.uids, torch.tensor([r.uid for r in reqs], dtype=torch.long, device=device)])
+        act.top_k = torch.cat([act.top_k, torch.tensor([r.top_k for r in reqs], dtype=torch.long, device=device)])
+        act.pool_scores = torch.cat([act.pool_scores, torch.full((n, self.width), NEG_INF, device=device)])
+        act.pool_titles = torch.cat([act.pool_titles,
+                                     torch.full((n, self.width), -1, dtype=torch.long, device=device)])
         act.nodes = torch.cat([act.nodes, nodes.view(-1)])
         act.fed = torch.cat([act.fed, torch.zeros(n, dtype=torch.long, device=device)])
         lineage = torch.zeros(n, K, _SLOT_CHUNK if act.lineage is None else act.lineage.shape[2],
@@ -346,13 +385,73 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
             if act.assistant is not None:
                 scores.log_mass = torch.cat([act.assistant.log_mass, scores.log_mass])
             act.assistant = scores
+        if any(r.exclude for r in reqs):
+            self._rebuild_excluded()
 
-    while queue or len(act):
-        if queue and (max_users - len(act) >= admit_at or not len(act)):
-            take = min(max_users - len(act), len(queue))
-            admit(queue[:take])
-            del queue[:take]
+    def _blocked_nodes(self, exclude) -> torch.Tensor:
+        """Trie nodes with nothing but excluded titles below them (their leaves and the paths that lead
+        only to them): a beam never enters one, so no beam is spent on a title it may not return."""
+        trie = self.trie
+        if self._item_title is None:
+            at_leaf = trie.leaf_title_index[trie.incidence_node] >= 0
+            self._item_title = torch.full((trie.num_items,), -1, dtype=torch.long, device=self.device)
+            self._item_title[trie.incidence_item[at_leaf]] = trie.leaf_title_index[trie.incidence_node[at_leaf]]
+        excluded = torch.isin(self._item_title, torch.tensor(list(exclude), dtype=torch.long, device=self.device))
+        below = trie.subtree_sum(excluded.float()[None])[0]                       # excluded items below a node
+        return torch.nonzero(below.round().long() == trie.node_item_count).view(-1)
+
+    def _rebuild_excluded(self) -> None:
+        act, N = self.act, self.trie.num_nodes
+        keys = []
+        for r in act.reqs:
+            if r.exclude:
+                blocked = getattr(r, "_blocked", None)
+                if blocked is None:
+                    blocked = r._blocked = self._blocked_nodes(r.exclude)
+                keys.append(r.uid * N + blocked)
+        act.excluded = torch.cat(keys).sort().values if keys else None
+
+    def _keep(self, kept: torch.Tensor) -> None:
+        """Keeps the active users `kept` (indices, ascending): every per-user and per-row state."""
+        act, K = self.act, self.K
+        rows = (kept[:, None] * K + torch.arange(K, device=self.device)).view(-1)
+        for layer in act.cache.layers:
+            layer.select(kept)
+        had_excluded = act.excluded is not None
+        act.reqs = [act.reqs[i] for i in kept.tolist()]
+        act.uids, act.top_k, act.sums, act.fed = act.uids[kept], act.top_k[kept], act.sums[kept], act.fed[kept]
+        act.pool_scores, act.pool_titles = act.pool_scores[kept], act.pool_titles[kept]
+        act.base_pos, act.lineage = act.base_pos[kept], act.lineage[kept]
+        act.nodes, act.logit_row = act.nodes[rows], act.logit_row[rows]
+        if act.assistant is not None:
+            act.assistant.log_mass = act.assistant.log_mass[kept]
+        if had_excluded:
+            self._rebuild_excluded()
+
+    def retire(self, predicate) -> None:
+        """Drops the active users whose request satisfies `predicate` (no result for them)."""
+        keep = [i for i, r in enumerate(self.act.reqs) if not predicate(r)]
+        if len(keep) == len(self.act):
+            return
+        if not keep:
+            return self.reset()
+        self._keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+
+    def _result(self, u: int):
+        act = self.act
+        k = int(act.top_k[u])
+        idx, sc = act.pool_titles[u, :k], act.pool_scores[u, :k]
+        found = idx >= 0
+        idx = idx[found].tolist()
+        return DecodeResult([self.trie.titles_unique[i] for i in idx], sc[found].tolist(), idx)
+
+    @torch.no_grad()
+    def step(self) -> list:
+        """One beam step for every active user; [(request, DecodeResult)] of the users that finished."""
+        act, trie, K, V, device = self.act, self.trie, self.K, self.trie.vocab_size, self.device
         U = len(act)
+        if not U:
+            return []
         # ---- score every candidate edge of every live beam
         lse = torch.logsumexp(act.logits[:, :V].float(), dim=-1)           # (M,)
         rows, tokens, kids = trie.edges(act.nodes)                         # rows sorted: user-major
@@ -361,48 +460,46 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
         urow = torch.div(rows, K, rounding_mode="floor")
         if act.assistant is not None:   # text-free scores of the edges (D3), <= 0
             cand = cand + act.assistant.edge_scores(urow, act.nodes[rows], kids)
+        if act.excluded is not None:    # a user's excluded titles: their subtrees are masked for it alone
+            key = act.uids[urow] * trie.num_nodes + kids
+            cand = cand.masked_fill(torch.isin(key, act.excluded), NEG_INF)
         top_val, e = _user_topk(cand, urow, U, 2 * K)                      # (U, 2K)
         alive = top_val > NEG_INF
         src, token, child = rows[e], tokens[e], kids[e]                    # src: row in the current batch
         leaf = (trie.leaf_title_index[child] >= 0) & alive
 
         # finished titles -> the user's pool of the best top_k
-        fin_scores = torch.where(leaf, _normalise(top_val, (act.fed + 1)[:, None], length_penalty), NEG_INF)
+        fin_scores = torch.where(leaf, _normalise(top_val, (act.fed + 1)[:, None], self.length_penalty), NEG_INF)
         fin_titles = torch.where(leaf, trie.leaf_title_index[child], -1)
-        merged_s = torch.cat([pool_scores[act.users], fin_scores], 1)
-        merged_t = torch.cat([pool_titles[act.users], fin_titles], 1)
-        best_s, order = merged_s.topk(top_k, dim=1)
-        pool_scores[act.users] = best_s
-        pool_titles[act.users] = merged_t.gather(1, order)
+        merged_s = torch.cat([act.pool_scores, fin_scores], 1)
+        merged_t = torch.cat([act.pool_titles, fin_titles], 1)
+        best_s, order = merged_s.topk(self.width, dim=1)
+        act.pool_scores, act.pool_titles = best_s, merged_t.gather(1, order)
 
         # unfinished candidates -> next beams
         sums, pick = torch.where(leaf | ~alive, NEG_INF, top_val).topk(K, dim=1)   # (U, K)
         live = sums > NEG_INF
-        next_nodes = torch.where(live, child.gather(1, pick), dead)
+        next_nodes = torch.where(live, child.gather(1, pick), self.dead)
         next_tokens = torch.where(live, token.gather(1, pick), 0)
         # beam k continues beam perm[u, k] of its user (a dead beam: any, it does not run)
         perm = torch.where(live, src.gather(1, pick) - torch.arange(U, device=device)[:, None] * K, 0)
 
-        # a user is done when its pool is full and no live beam can still enter it
-        bound = _upper_bound(sums, leaf_depth[next_nodes], length_penalty).masked_fill(~live, NEG_INF)
-        pool_full = best_s[:, -1] > NEG_INF
-        keep = live.any(dim=1) & (~pool_full | (bound.max(dim=1).values > best_s[:, -1]))
+        # a user is done when its pool holds its top_k and no live beam can still enter it
+        bound = _upper_bound(sums, self.leaf_depth[next_nodes], self.length_penalty).masked_fill(~live, NEG_INF)
+        kth = best_s.gather(1, (act.top_k - 1)[:, None])[:, 0]
+        pool_full = kth > NEG_INF
+        keep = live.any(dim=1) & (~pool_full | (bound.max(dim=1).values > kth))
         n_keep = int(keep.sum())
-        if progress is not None and n_keep < U:
-            progress.update(U - n_keep)
         act.sums, act.nodes = sums, next_nodes.view(-1)
+        finished = [(act.reqs[u], self._result(u)) for u in torch.nonzero(~keep).view(-1).tolist()]
         if n_keep == 0:
-            act = _ActiveUsers(device)
-            continue
+            self.reset()
+            return finished
         if n_keep < U:
             kept = torch.nonzero(keep).view(-1)
-            perm = perm[kept]
-            for layer in act.cache.layers:
-                layer.select(kept)
-            act.users, act.sums, act.fed, act.base_pos = act.users[kept], sums[kept], act.fed[kept], act.base_pos[kept]
-            act.nodes, next_tokens, act.lineage = next_nodes[kept].view(-1), next_tokens[kept], act.lineage[kept]
-            if act.assistant is not None:
-                act.assistant.log_mass = act.assistant.log_mass[kept]
+            self._keep(kept)
+            perm, next_tokens, live = perm[kept], next_tokens[kept], live[kept]
+        act = self.act
         # The KV never moves: a beam's ancestry says which column it reads at each earlier slot, and its
         # new token goes to its own column k at slot fed[u].
         act.lineage = act.lineage.gather(1, perm[:, :, None].expand_as(act.lineage))
@@ -414,21 +511,55 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
         # ---- one token per live beam row: row r writes its K/V at slot fed[user] (position base_pos + fed)
         R = n_keep * K
         all_rows = torch.arange(R, device=device)
-        run = torch.nonzero(live[keep].view(-1)).view(-1) if run_step.runs_row_subset else all_rows
+        run = torch.nonzero(live.view(-1)).view(-1) if self.run_step.runs_row_subset else all_rows
         begin_beam_step(act.cache, act.fed, run, act.lineage)
         positions = (act.base_pos + act.fed).repeat_interleave(K)[run]
-        act.logits = run_step(next_tokens.view(-1)[run], positions, run, R, act.cache)
+        act.logits = self.run_step(next_tokens.view(-1)[run], positions, run, R, act.cache)
         # row r's logits: its index among the rows that ran (a dead row's is never read: it has no edges)
         act.logit_row = all_rows if run.numel() == R else \
             torch.zeros(R, dtype=torch.long, device=device).index_copy_(0, run, all_rows[: run.numel()])
         act.fed = act.fed + 1
+        return finished
 
-    titles, scores = [], []
-    for b in range(N):
-        found = pool_titles[b] >= 0
-        titles.append([trie.titles_unique[i] for i in pool_titles[b][found].tolist()])
-        scores.append(pool_scores[b][found].tolist())
-    return BeamResult(titles, scores, pool_titles)
+
+def batch_shared_prefix(prompts: list[list[int]]) -> list[int] | None:
+    """The prefix to prefill once for a known list of prompts (None when too short to pay)."""
+    if len(prompts) < 2:
+        return None
+    start = min(shared_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    return prompts[0][:start] if start >= _MIN_SHARED_PREFIX else None
+
+
+@torch.no_grad()
+def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[int]], pad_id: int,
+                        max_users: int = 16, num_beams: int = 10, top_k: int = 10, length_penalty: float = 1.0,
+                        assistant=None, fast_step: bool = True, share_prefix: bool = True,
+                        refill: float = 1.0, progress=None) -> BeamResult:
+    """Top-k distinct catalogue titles for every prompt (token id lists), decoding up to `max_users` at once.
+
+    A thin user of `engine.DecodingEngine` over a `BeamBatch`: every prompt is submitted, then decoded
+    in the calling thread.  Memory stays bounded by `max_users`.  Continuous batching: waiting users
+    are admitted (prefilled) once a fraction `refill` of the `max_users` places is free, so the batch
+    need not run its last steps for a few slow users; refill = 1.0 admits only into an empty batch
+    (static batches).  The results do not depend on which users share a batch.  `assistant`, when
+    given, maps a list of prompt indices to their `decoding.assistant.AssistantScores` (D3):
+    weight * log(subtree mass of child / of parent) is added to every candidate edge.  `fast_step` runs
+    the beam steps through `LlamaFamilyStep` when the backbone is one it supports; False (or another
+    architecture) runs them through the backbone's own forward.  `share_prefix` prefills the token
+    prefix common to all prompts once.  `progress.update(n)` is called as users finish.
+    """
+    if not 0.0 < refill <= 1.0:
+        raise ValueError(f"refill must be in (0, 1], got {refill}")
+    shared = batch_shared_prefix(prompts) if share_prefix else None
+    batch = BeamBatch(model, trie, pad_id, num_beams, top_k, length_penalty, assistant, fast_step, shared)
+    engine = DecodingEngine(batch, max_users, admit_at=max(1, int(max_users * refill)))
+    futures = engine.submit_many([DecodeRequest(p, top_k, key=i) for i, p in enumerate(prompts)])
+    engine.run_until_idle(progress)
+    results = [f.result() for f in futures]
+    index = torch.full((len(prompts), top_k), -1, dtype=torch.long)
+    for b, r in enumerate(results):
+        index[b, : len(r.title_index)] = torch.tensor(r.title_index, dtype=torch.long)
+    return BeamResult([r.titles for r in results], [r.scores for r in results], index.to(model.device))
 
 
 @torch.no_grad()
