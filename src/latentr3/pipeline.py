@@ -214,7 +214,7 @@ def render_report(evidence: dict, extra: dict, cfg: Config) -> str:
     seed_text = (f"; model rows: mean ± sd over seeds {seeds}, the interval over users of the seed-averaged "
                  f"values" if len(seeds) > 1 else "")
     n = next(iter(evidence["rows"].values()))["metrics"].get("n_rows", 0) if evidence["rows"] else 0
-    parts = [f"# Results on the test split ({n} rows, {cfg.eval.num_beams} beams, length penalty {lp}{preset})\n",
+    parts = [f"# Results on the test split ({int(n)} rows, {cfg.eval.num_beams} beams, length penalty {lp}{preset})\n",
              f"Cells: value{' ± sd over seeds' if len(seeds) > 1 else ''} [95 % interval]{seed_text}.",
              render_tables(evidence, ks)]
     diags = {name: x["diagnostics"] for name, x in extra.items() if "diagnostics" in x}

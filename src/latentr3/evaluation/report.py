@@ -170,9 +170,13 @@ def _cell(value: float, ci=None, sd=None) -> str:
     return text
 
 
+def _p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3g}"
+
+
 def _paired_cell(p: dict) -> str:
     star = " *" if p["lo"] > 0 or p["hi"] < 0 else ""
-    return f"{p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] p={p['p']:.3g}{star}"
+    return f"{p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] {_p(p['p'])}{star}"
 
 
 def render_evidence(ev: dict, ks: Sequence[int], protocol: str) -> str:
@@ -231,5 +235,5 @@ def significance_sentences(ev: dict) -> list[str]:
         verdict = ("significantly higher" if p["diff"] > 0 else "significantly lower") if apart else \
             "not significantly different"
         out.append(f"{name} vs {ref}: item NDCG@{k} {p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}], "
-                   f"p={p['p']:.3g}: {verdict} at the 95 % level.")
+                   f"{_p(p['p'])}: {verdict} at the 95 % level.")
     return out
