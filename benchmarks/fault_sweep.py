@@ -33,7 +33,7 @@ TINY = ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "mo
         "prompt.template=short", "prompt.cutoff_len=96"]
 SFT = [*TINY, "sft.sample=640", "sft.valid_sample=32", "sft.micro_batch_size=8", "sft.batch_size=16",
        "sft.epochs=1", "sft.warmup_steps=2", "sft.save_steps=2", "sft.eval_steps=10", "sft.patience=0"]
-GRPO = [*TINY, "grpo.sample=256", "grpo.batch_size=8", "grpo.micro_batch_size=4", "grpo.max_steps=24",
+GRPO = [*TINY, "grpo.sample=512", "grpo.batch_size=8", "grpo.micro_batch_size=4", "grpo.max_steps=56",
         "grpo.warmup_steps=2", "grpo.save_steps=2", "grpo.eval_steps=8", "grpo.eval_sample=16"]
 SASREC = ["sasrec.epochs=3", "sasrec.patience=0", "sasrec.valid_sample=500", "sasrec.hidden=32"]
 EVAL = [*TINY, "eval.sample=200", "eval.batch_size=8", "eval.resume_every=8", "eval.bootstrap=200"]
