@@ -36,7 +36,7 @@ SFT = [*TINY, "sft.sample=640", "sft.valid_sample=32", "sft.micro_batch_size=8",
 GRPO = [*TINY, "grpo.sample=512", "grpo.batch_size=8", "grpo.micro_batch_size=4", "grpo.max_steps=56",
         "grpo.warmup_steps=2", "grpo.save_steps=2", "grpo.eval_steps=8", "grpo.eval_sample=16"]
 SASREC = ["sasrec.epochs=3", "sasrec.patience=0", "sasrec.valid_sample=500", "sasrec.hidden=32"]
-EVAL = [*TINY, "eval.sample=200", "eval.batch_size=8", "eval.resume_every=8", "eval.bootstrap=200"]
+EVAL = [*TINY, "eval.sample=480", "eval.batch_size=8", "eval.resume_every=8", "eval.bootstrap=200"]
 
 
 def digest_files(root: Path, pattern: str) -> dict[str, str]:
