@@ -138,15 +138,21 @@ def _read_text(path: Path) -> str:
         raise DataFormatError(path, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
+_INT64_MIN, _INT64_END = -(2 ** 63), 2 ** 63  # item ids become int64 tensors
+
+
 def _parse_int(path: Path, line: int, name: str, raw: str) -> int:
     text = raw.strip()
     try:
         # int() accepts '1_000' and surrounding whitespace; be strict about digits.
         if not text.isascii() or not (text.isdigit() or (text[:1] in "+-" and text[1:].isdigit())):
             raise ValueError
-        return int(text)
-    except ValueError:
+        value = int(text)
+    except ValueError:  # also int()'s limit on the number of digits
         raise DataFormatError(path, line, f"{name} is not an integer: {_short(raw)}") from None
+    if not _INT64_MIN <= value < _INT64_END:
+        raise DataFormatError(path, line, f"{name} does not fit a 64-bit integer: {_short(raw)}")
+    return value
 
 
 def read_catalogue(path: str | os.PathLike, fmt: str = "auto") -> Catalogue:
@@ -265,7 +271,11 @@ def _parse_list(path: Path, line: int, name: str, raw: str, kind: type) -> list:
     text = raw.strip()
     value = _fast_list(text, kind)
     if value is not None:
+        if kind is int and value and not (_INT64_MIN <= min(value) and max(value) < _INT64_END):
+            raise DataFormatError(path, line, f"{name} has an id that does not fit a 64-bit integer: {_short(raw)}")
         return value
+    if "\x00" in text:  # ast.literal_eval refuses NUL with a message that does not say where
+        raise DataFormatError(path, line, f"{name} contains a NUL byte: {_short(raw)}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -281,9 +291,19 @@ def _parse_list(path: Path, line: int, name: str, raw: str, kind: type) -> list:
                 path,
                 line,
                 f"{name} must be a list of {kind_name}, but element {position} is "
-                f"{type(element).__name__} {_short(repr(element), 60)}",
+                f"{type(element).__name__} {_short(_bounded_repr(element), 60)}",
             )
+        if kind is int and not _INT64_MIN <= element < _INT64_END:
+            raise DataFormatError(path, line, f"{name} element {position} does not fit a 64-bit integer")
     return value
+
+
+def _bounded_repr(value: Any) -> str:
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxstring, r.maxother = 3, 6, 80, 80
+    return r.repr(value)
 
 
 def read_split(path: str | os.PathLike, catalogue: Catalogue | None = None) -> list[Sample]:
