@@ -443,7 +443,7 @@ def test_fuzz_interactions(case):
     scale = 1000 if unit == "ms" else 1
     for line, u, i, t, r in out:
         assert u.strip() and i.strip() and math.isfinite(t) and math.isfinite(r)
-        assert -62135596800 * scale - 1e-6 <= t <= 253402300799 * scale + 1e-6 or True
+        assert -62135596800 * scale <= t <= 253402300799 * scale  # a time datetime can represent
 
 
 @settings(FUZZ, max_examples=N // 4)
@@ -792,3 +792,46 @@ def test_classic_yaml_anchor_bomb(tmp_path, where):
         with pytest.raises(ConfigError) as e:
             load_config(path)
     assert str(e.value).startswith(f"{path}: ") and len(str(e.value)) < 2000
+
+
+# ------------------------------------------------------------- regressions: what the fuzzer found
+def test_found_write_split_quotes_a_bare_carriage_return():
+    """csv.writer quotes "\\n" but not a bare "\\r", which the reader takes for a line end: the file written
+    was unreadable (or, with a "\\r" first in a cell, read a blank row and shifted the rest)."""
+    path = WORK / "cr.csv"
+    rows = [{"user_id": "u\r1", "history_item_title": ["a"], "item_title": "t\rx", "history_item_id": [1],
+             "item_id": 2}, {"user_id": "\r", "history_item_title": [], "item_title": "y", "history_item_id": [],
+                             "item_id": 3}]
+    write_split(path, rows)
+    samples = read_split(path)
+    assert [(s.extra["user_id"], s.target_title) for s in samples] == [("u\r1", "t\rx"), ("\r", "y")]
+
+
+def test_found_a_leading_u_feff_survives_the_round_trip():
+    write_catalogue(WORK / "feff.txt", [1, 2], ["\ufeffA", "B"])
+    assert read_catalogue(WORK / "feff.txt").titles == ["\ufeffA", "B"]
+    write_split(WORK / "feff.csv", [{"\ufeffuser": "u", "history_item_title": [], "item_title": "t",
+                                     "history_item_id": [], "item_id": 1}])
+    assert list(read_split(WORK / "feff.csv")[0].extra) == ["\ufeffuser"]
+
+
+def test_found_writers_refuse_what_the_readers_refuse():
+    with pytest.raises(ValueError, match="NUL"):
+        write_catalogue(WORK / "n.txt", [1], ["a\x00b"])
+    with pytest.raises(ValueError, match="NUL"):
+        write_split(WORK / "n.csv", [{"history_item_title": [], "item_title": "a\x00", "history_item_id": [],
+                                      "item_id": 1}])
+
+
+def test_found_iso_times_outside_the_datetime_range():
+    log = write("iso.csv", "user,item,time\nu,i,0001-01-01T00:00:00+01:00\n")
+    # 0001-01-01 at +01:00 is 31 Dec of year 0 in UTC: fromtimestamp() failed deep inside prepare
+    with pytest.raises(DataFormatError, match="line 2: field 'time' is out of range"):
+        list(TableReviews(TableFile(log, ["user", "item", "time"]), False, 1).reviews(False))
+
+
+def test_found_yaml_keys_that_are_not_strings():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \[1, None\]"):
+        load_config(write("keys.yaml", "1: a\nnull: b\n"))
+    with pytest.raises(ConfigError, match="too large for a float"):
+        load_config(None, ["sft.lr=" + "9" * 400])

@@ -226,8 +226,10 @@ class TableReviews(ReviewSource):
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
         try:
-            return moment.timestamp() * self.time_scale
-        except (OverflowError, ValueError, OSError):
+            return check_time(self.table.path, line, name, moment.timestamp() * self.time_scale, self.time_scale)
+        except (OverflowError, ValueError, OSError) as exc:
+            if isinstance(exc, DataFormatError):
+                raise
             raise DataFormatError(self.table.path, line, f"column {name!r}: the date-time is out of range: "
                                   f"{str(value)[:60]!r}") from None
 
