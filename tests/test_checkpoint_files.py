@@ -64,6 +64,17 @@ def test_damaged_checkpoint_names_the_file(ckpt, damage, bad, problem):
     assert "re-run the stage that wrote it" in text and "last/" in text
 
 
+def test_no_latent_checkpoint_meta_has_a_null_token(ckpt):
+    from latentr3.model.latent_lm import read_checkpoint_meta
+
+    meta = json.loads((ckpt / CONFIG_NAME).read_text())
+    (ckpt / CONFIG_NAME).write_text(json.dumps({**meta, "num_latent": 0, "latent_token_id": None}))
+    assert read_checkpoint_meta(ckpt)["latent_token_id"] is None
+    (ckpt / CONFIG_NAME).write_text(json.dumps({**meta, "latent_token_id": None}))
+    with pytest.raises(CheckpointError, match="'latent_token_id' is null but 'num_latent' is 1"):
+        read_checkpoint_meta(ckpt)
+
+
 def test_bad_meta_values_name_the_key(ckpt):
     meta = json.loads((ckpt / CONFIG_NAME).read_text())
     for key, value, what in [("num_latent", -1, "an integer >= 0"), ("latent_rope_base", "big", "a number > 0"),

@@ -48,7 +48,8 @@ def _is_int(v) -> bool:
 
 _META_REQUIRED = {
     "num_latent": (lambda v: _is_int(v) and 0 <= v < 2 ** 31, "an integer >= 0"),
-    "latent_token_id": (lambda v: _is_int(v) and 0 <= v < 2 ** 31, "an integer token id >= 0"),
+    "latent_token_id": (lambda v: v is None or (_is_int(v) and 0 <= v < 2 ** 31),
+                        "an integer token id >= 0 (null without latent tokens)"),
     "latent_rope_base": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                          and 0 < v < float("inf"), "a number > 0"),
 }
@@ -88,6 +89,8 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
             raise CheckpointError(path, f"the key {key!r} is missing", ckpt)
         if not ok(meta[key]):
             raise CheckpointError(path, f"{key!r} must be {what}, got {_short_repr(meta[key])}", ckpt)
+    if meta["latent_token_id"] is None and meta["num_latent"] > 0:
+        raise CheckpointError(path, f"'latent_token_id' is null but 'num_latent' is {meta['num_latent']}", ckpt)
     for key, (ok, what) in _META_OPTIONAL.items():
         if key in meta and meta[key] is not None and not ok(meta[key]):
             raise CheckpointError(path, f"{key!r} must be {what}, got {_short_repr(meta[key])}", ckpt)
