@@ -65,7 +65,7 @@ def checkpoint_valid_loss(ckpt: Path, cfg) -> float:
     model.eval()
     cat = load_catalogue(cfg.data)
     rows = subsample(load_split(cfg.data, "valid", cat), cfg.sft.valid_sample, cfg.sft.seed)
-    builder = PromptBuilder(tok, cfg.prompt.template, cfg.data.item_noun, cfg.prompt.cutoff_len,
+    builder = PromptBuilder(tok, cfg.prompt.template, meta["item_noun"], cfg.prompt.cutoff_len,
                             meta["num_latent"])
     examples = tokenize_samples(rows, builder)
     nll = n = 0.0
@@ -166,9 +166,9 @@ def test_resume_after_halt_matches_uninterrupted_run(full_run, tmp_path, halt):
     ("prompt.template=nonsense", "prompt.template"),
 ])
 def test_bad_sft_values_are_rejected_up_front(tmp_path, override, message):
-    cfg = load_config(None, [f"sft.output_dir={tmp_path / 'o'}", override])
+    # Most are refused when the config is loaded (config.RULES), the rest when SFT starts.
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        train_sft(cfg)
+        train_sft(load_config(None, [f"sft.output_dir={tmp_path / 'o'}", override]))
     assert not (tmp_path / "o").exists()  # nothing written before the check
 
 

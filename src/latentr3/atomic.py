@@ -34,8 +34,19 @@ __all__ = ["CheckpointError", "OutputWriteError", "atomic_write_bytes", "atomic_
 MANIFEST_NAME = "MANIFEST.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is incomplete or corrupt; the message names the file and what to do."""
+class CheckpointError(ValueError):
+    """A checkpoint directory that is incomplete or damaged: the message names the file, the problem
+    and what to do."""
+
+    def __init__(self, path, problem: str, ckpt=None):
+        self.path = str(path)
+        self.problem = problem
+        advice = ""
+        if ckpt is not None:
+            advice = (f"; the checkpoint {ckpt} is incomplete or damaged (an interrupted copy or write?): copy it "
+                      "again, or delete it and re-run the stage that wrote it, or use another checkpoint "
+                      "(e.g. last/ instead of best/)")
+        super().__init__(f"{self.path}: {problem}{advice}")
 
 
 class OutputWriteError(OSError):
@@ -124,26 +135,24 @@ def write_manifest(directory: str | Path) -> dict:
 def verify_manifest(directory: str | Path, what: str = "checkpoint") -> None:
     """Raises CheckpointError naming the first missing, truncated or corrupt file of `directory`."""
     directory = Path(directory)
-    hint = (f"the {what} was not written completely (a killed or failed save); re-run the stage that "
-            f"writes it, or point at another {what}")
     mpath = directory / MANIFEST_NAME
     if not mpath.is_file():
-        raise CheckpointError(f"{directory}: {MANIFEST_NAME} is missing, so the {what} is incomplete: {hint}")
+        raise CheckpointError(mpath, f"missing, so the {what} is incomplete (a killed or failed save)", directory)
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable manifest ({e}): {hint}") from None
-    for rel, info in files.items():
+        files = json.loads(mpath.read_text())["files"]
+        entries = [(rel, int(info["size"]), str(info["sha256"])) for rel, info in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(mpath, f"unreadable manifest ({type(e).__name__}: {str(e)[:100]})", directory) from None
+    for rel, size, sha in entries:
         p = directory / rel
         if not p.is_file():
-            raise CheckpointError(f"{p}: missing from the {what} (listed in {MANIFEST_NAME}): {hint}")
-        size = p.stat().st_size
-        if size != info["size"]:
-            raise CheckpointError(f"{p}: {size} bytes where {MANIFEST_NAME} records {info['size']} "
-                                  f"(truncated or overwritten): {hint}")
-        if _sha256(p) != info["sha256"]:
-            raise CheckpointError(f"{p}: content does not match its sha256 in {MANIFEST_NAME} (corrupt): {hint}")
+            raise CheckpointError(p, f"missing from the {what} (listed in {MANIFEST_NAME})", directory)
+        actual = p.stat().st_size
+        if actual != size:
+            raise CheckpointError(p, f"{actual} bytes where {MANIFEST_NAME} records {size} (truncated or "
+                                     f"overwritten)", directory)
+        if _sha256(p) != sha:
+            raise CheckpointError(p, f"content does not match its sha256 in {MANIFEST_NAME} (corrupt)", directory)
 
 
 def recover_directory(path: str | Path) -> None:

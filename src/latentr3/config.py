@@ -31,13 +31,17 @@ class DataConfig:
     # Catalogue file (one item a line) and its format: auto | title_id | code_title_id.
     catalogue: str = "info.txt"
     catalogue_format: str = "auto"
-    # Plural noun for the items in the prompt ("movies", "music albums", "video games").
-    item_noun: str = "movies"
+    # Plural noun for the items in the prompt ("movies", "music albums", "video games").  Empty: "movies"
+    # for the embedded MovieLens default; with any other data.dir it must be set (SFT refuses to guess).
+    item_noun: str = ""
     # When > 0, the last `valid_holdout` fraction of the train split (files are sorted by target time)
     # becomes the validation split for early stopping and model selection, and is not trained on.
     # For releases without a train split (CDs: train on valid.csv), so that validation is not on
-    # training rows.
+    # training rows.  When the rows have a `timestamp` column its order is checked.
     valid_holdout: float = 0.0
+    # train_split == valid_split without valid_holdout validates (early stopping, model selection) on
+    # the training rows; that is refused unless this is true.
+    allow_valid_on_train: bool = False
 
 
 @dataclass
@@ -329,6 +333,242 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses."""
 
 
+# --------------------------------------------------------------------------------------------------
+# Allowed values: every enum-like and range-bound field, checked in one place when a config is loaded
+# (`check_config`), so that a bad value is a ConfigError naming the key and what is allowed, before any
+# stage reads data or writes a file.  Every field of every section is either in RULES or in FREE
+# (tests/test_config.py checks that, so a new field has to be classified).  The enum tuples mirror the
+# constants of the modules that use them (training.common.SCHEDULERS, training.advantages.ADVANTAGE_RULES,
+# decoding.assistant.PRESETS, model.build.DTYPES, data.splits.CATALOGUE_FORMATS); tests check they agree.
+
+_INT64 = 2 ** 63
+_SEED_MAX = 2 ** 32 - 1  # numpy's seed range (accelerate.utils.set_seed seeds numpy too)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    values: tuple
+    pattern: str = ""  # a regular expression also accepted (e.g. cuda:N)
+    hint: str = ""
+
+    def problem(self, key: str, value: Any) -> str | None:
+        import re
+
+        if value in self.values or (self.pattern and isinstance(value, str) and re.fullmatch(self.pattern, value)):
+            return None
+        shown = ", ".join(repr(v) for v in self.values) + (f" or {self.hint}" if self.hint else "")
+        return f"{key} must be one of {shown}; got {value!r}"
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()  # sentinel values allowed outside the range (e.g. -1 = all)
+    also_text: str = ""
+
+    def text(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"{'<' if self.hi_open else '<='} {self.hi}"
+
+    def problem(self, key: str, value: Any) -> str | None:
+        import math
+
+        if value in self.also:
+            return None
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        if ok and self.lo is not None:
+            ok = value > self.lo if self.lo_open else value >= self.lo
+        if ok and self.hi is not None:
+            ok = value < self.hi if self.hi_open else value <= self.hi
+        if ok:
+            return None
+        prefix = f"{self.also_text} or " if self.also_text else ""
+        return f"{key} must be {prefix}{self.text()}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    def problem(self, key: str, value: Any) -> str | None:
+        return None if isinstance(value, str) and value.strip() else f"{key} must not be empty"
+
+
+@dataclass(frozen=True)
+class Each:
+    rule: Any
+    distinct: bool = False
+
+    def problem(self, key: str, value: Any) -> str | None:
+        if self.distinct and len(set(value)) != len(value):
+            return f"{key} repeats a value: {value!r}"
+        for i, v in enumerate(value):
+            p = self.rule.problem(f"{key}[{i}]", v)
+            if p:
+                return p
+        return None
+
+
+POSITIVE = Range(0, lo_open=True)        # > 0 (learning rates, norms)
+AT_LEAST_1 = Range(1)                    # counts and sizes
+NON_NEGATIVE = Range(0)                  # steps that may be 0 (= off), weights, penalties
+FRACTION = Range(0, 1, hi_open=True)     # [0, 1): dropout, valid_holdout
+SEED = Range(0, _SEED_MAX)
+ALL_OR_COUNT = Range(1, also=(-1,), also_text="-1 (all)")
+
+SCHEDULER_NAMES = ("linear", "cosine", "constant")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+RULES: dict[str, Any] = {
+    "data.train_split": NonEmpty(), "data.valid_split": NonEmpty(), "data.test_split": NonEmpty(),
+    "data.catalogue": NonEmpty(),
+    "data.catalogue_format": OneOf(("auto", "title_id", "code_title_id")),
+    "data.valid_holdout": FRACTION,
+
+    "model.backbone": NonEmpty(),
+    "model.tiny_hidden": AT_LEAST_1, "model.tiny_layers": AT_LEAST_1, "model.tiny_heads": AT_LEAST_1,
+    "model.tiny_vocab": AT_LEAST_1,
+    "model.num_latent": NON_NEGATIVE,
+    "model.latent_rope_base": POSITIVE,
+    "model.lora_r": AT_LEAST_1, "model.lora_alpha": POSITIVE, "model.lora_dropout": FRACTION,
+    "model.dtype": OneOf(DTYPE_NAMES),
+    "model.init_seed": SEED,
+
+    "prompt.cutoff_len": AT_LEAST_1,
+
+    "sft.sample": Range(0, also=(-1,), also_text="-1 (all)"),
+    "sft.seed": SEED,
+    "sft.lr": POSITIVE, "sft.weight_decay": NON_NEGATIVE,
+    "sft.micro_batch_size": AT_LEAST_1, "sft.batch_size": AT_LEAST_1, "sft.epochs": AT_LEAST_1,
+    "sft.max_steps": NON_NEGATIVE, "sft.warmup_steps": NON_NEGATIVE,
+    "sft.scheduler": OneOf(SCHEDULER_NAMES),
+    "sft.max_grad_norm": POSITIVE,
+    "sft.eval_steps": NON_NEGATIVE, "sft.patience": NON_NEGATIVE,
+    "sft.valid_sample": ALL_OR_COUNT,
+    "sft.save_steps": AT_LEAST_1, "sft.halt_after_steps": NON_NEGATIVE, "sft.log_steps": AT_LEAST_1,
+
+    "eval.split": NonEmpty(),
+    "eval.sample": ALL_OR_COUNT,
+    "eval.seed": SEED,
+    "eval.batch_size": AT_LEAST_1,
+    "eval.refill": Range(0, 1, lo_open=True),
+    "eval.num_beams": AT_LEAST_1, "eval.top_k": AT_LEAST_1,
+    "eval.ks": Each(AT_LEAST_1),
+    "eval.dtype": OneOf(DTYPE_NAMES),
+    "eval.decoding": OneOf(("", "bigrec", "d3")),
+    "eval.assistant_weight": NON_NEGATIVE,
+    "eval.bootstrap": AT_LEAST_1, "eval.bootstrap_seed": SEED,
+    "eval.ci_level": Range(0, 1, lo_open=True, hi_open=True),
+    "eval.diagnostics_sample": Range(0, also=(-1,), also_text="-1 (all)"),
+    "eval.resume_every": NON_NEGATIVE,
+
+    "sasrec.hidden": AT_LEAST_1, "sasrec.layers": AT_LEAST_1, "sasrec.heads": AT_LEAST_1,
+    "sasrec.max_len": AT_LEAST_1, "sasrec.dropout": FRACTION,
+    "sasrec.loss_positions": OneOf(("all", "last")),
+    "sasrec.lr": POSITIVE, "sasrec.weight_decay": NON_NEGATIVE, "sasrec.batch_size": AT_LEAST_1,
+    "sasrec.epochs": AT_LEAST_1, "sasrec.patience": NON_NEGATIVE, "sasrec.valid_sample": ALL_OR_COUNT,
+    "sasrec.seed": SEED,
+    "sasrec.device": OneOf(("auto", "cpu", "cuda"), pattern=r"cuda:[0-9]+", hint="'cuda:N'"),
+    "sasrec.title_score": OneOf(("max", "sum")),
+
+    "grpo.seed": SEED, "grpo.sample": ALL_OR_COUNT,
+    "grpo.num_generations": AT_LEAST_1, "grpo.noise_std": NON_NEGATIVE,
+    "grpo.advantage": OneOf(("batch", "group", "popularity_group", "pooled_zscore")),
+    "grpo.advantage_scope": OneOf(("batch", "micro_step")),
+    "grpo.micro_step_prompts": AT_LEAST_1,
+    "grpo.popularity_weight": Range(0, 1), "grpo.popularity_groups": AT_LEAST_1,
+    "grpo.batch_size": AT_LEAST_1, "grpo.micro_batch_size": AT_LEAST_1,
+    "grpo.lr": POSITIVE, "grpo.weight_decay": NON_NEGATIVE, "grpo.epochs": AT_LEAST_1,
+    "grpo.max_steps": NON_NEGATIVE, "grpo.warmup_steps": NON_NEGATIVE,
+    "grpo.scheduler": OneOf(SCHEDULER_NAMES),
+    "grpo.max_grad_norm": POSITIVE,
+    "grpo.clip_eps_low": NON_NEGATIVE, "grpo.clip_eps_high": NON_NEGATIVE,
+    "grpo.num_iterations": AT_LEAST_1,
+    "grpo.prefix_cache": OneOf(("keep", "recompute")),
+    "grpo.beta": NON_NEGATIVE,
+    "grpo.eval_steps": NON_NEGATIVE, "grpo.eval_sample": ALL_OR_COUNT, "grpo.save_steps": AT_LEAST_1,
+    "grpo.halt_after_steps": NON_NEGATIVE, "grpo.log_steps": AT_LEAST_1,
+
+    "run.seeds": Each(SEED, distinct=True),
+    "model.latent_init": OneOf(("hf", "torch")),
+    "sft.group_by_length": NON_NEGATIVE,
+}
+
+# Fields without a rule: free text (paths, names), booleans (typed already), and those checked elsewhere
+# with a reason: prompt.template (data.prompts.resolve_template, by SFT before it writes anything),
+# eval.length_penalty (decoding).
+FREE = {
+    "data.dir", "data.item_noun", "data.allow_valid_on_train",
+    "model.lora", "model.lora_target_modules", "model.trim_vocab", "grpo.single_pass",
+    "prompt.template",
+    "sft.output_dir", "sft.resume",
+    "eval.model", "eval.output_dir", "eval.length_penalty", "eval.popularity_source", "eval.assistant",
+    "sasrec.output_dir",
+    "grpo.init", "grpo.output_dir", "grpo.lora", "grpo.resume",
+    "run.output_dir", "run.no_latent_baseline", "run.grpo", "run.plots", "run.sasrec", "run.d3",
+}
+
+
+def data_problems(d: "DataConfig") -> list[str]:
+    """Cross-field checks of the data section (also run by data.dataset.train_and_valid)."""
+    if d.train_split == d.valid_split and not d.valid_holdout > 0 and not d.allow_valid_on_train:
+        return [f"data.train_split and data.valid_split are both {d.train_split!r} and data.valid_holdout is 0: "
+                "validation (early stopping, model selection) would run on the training rows.  Set "
+                "data.valid_holdout (e.g. 0.1: the last 10 % of the file, by target time, is held out for "
+                "validation and not trained on), or data.allow_valid_on_train=true to accept it"]
+    return []
+
+
+def config_problems(cfg: Any) -> list[str]:
+    """Every value of `cfg` (a Config) outside what RULES allow, and the cross-field problems."""
+    problems: list[str] = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            key = f"{section.name}.{f.name}"
+            value = getattr(sub, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+                problems.append(f"{key} does not fit a 64-bit integer: {value}")
+                continue
+            rule = RULES.get(key)
+            if rule is not None:
+                p = rule.problem(key, value)
+                if p:
+                    problems.append(p)
+    if isinstance(getattr(cfg, "data", None), DataConfig):
+        problems += data_problems(cfg.data)
+    m = getattr(cfg, "model", None)
+    if isinstance(m, ModelConfig) and m.backbone == "tiny" and m.tiny_heads >= 1 and m.tiny_hidden % m.tiny_heads:
+        problems.append(f"model.tiny_hidden {m.tiny_hidden} is not a multiple of model.tiny_heads {m.tiny_heads}")
+    s = getattr(cfg, "sasrec", None)
+    if isinstance(s, SASRecConfig) and s.heads >= 1 and s.hidden % s.heads:
+        problems.append(f"sasrec.hidden {s.hidden} is not a multiple of sasrec.heads {s.heads}")
+    return problems
+
+
+def check_config(cfg: Any) -> Any:
+    """Raise one ConfigError listing every problem of `config_problems`; returns `cfg`."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for error messages (a YAML alias bomb or a huge list is not expanded)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, 80, 80
+    return r.repr(value)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -346,12 +586,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_show(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -359,19 +599,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return float(value.strip())
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{key}: expected a number, got {_show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: the number is too large for a float: {_show(value)}") from None
     if tp is str:
         if value is None:
             return ""
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}")
         return str(value)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty section ("sft:" with nothing below it): the defaults
+            value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
         return _build(tp, value, key)
     return value
 
@@ -379,7 +624,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
         where = prefix or "top level"
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
@@ -391,10 +636,25 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
     node[parts[-1]] = value
+
+
+def _yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with every failure as a ConfigError naming `where` (and the line, from YAML)."""
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ConfigError(f"{where}: not valid YAML: a NUL byte on line {line}")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -402,21 +662,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read `path` (YAML, may be None) into `cls`, then apply ``key=value`` overrides."""
     tree: dict = {}
     if path:
-        text = Path(path).read_text()
         try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+        loaded = _yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {_show(item)} is not of the form key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, key.strip(), _yaml(raw, f"override {key.strip()!r}") if raw.strip() else "")
     try:
-        return _build(cls, tree)
+        cfg = _build(cls, tree)
+        if cls is Config:
+            check_config(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_json, atomic_write_text
 from .config import Config, save_config
-from .data.dataset import data_dir, load_catalogue, load_split, subsample
+from .data.dataset import data_dir, load_catalogue, load_split, split_path, subsample, train_and_valid
 
 
 def _stage_cfg(cfg: Config, **sections) -> Config:
@@ -135,14 +135,19 @@ def run_pipeline(cfg: Config) -> dict:
         root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, root / "config.yaml")
 
-    # --- data
+    # --- data: the rows the stages use (train/valid after data.valid_holdout), not the files' sizes
     catalogue = load_catalogue(cfg.data)
-    splits = {name: load_split(cfg.data, name, catalogue) for name in ("train", "valid", "test")}
+    train_rows, valid_rows = train_and_valid(cfg.data, catalogue)
+    splits = {"train": train_rows, "valid": valid_rows, "test": load_split(cfg.data, "test", catalogue)}
     if state.is_main_process:
         (root / "data").mkdir(exist_ok=True)
+        files = {role: str(split_path(cfg.data, role)) for role in ("train", "valid", "test")}
+        if cfg.data.valid_holdout > 0:
+            files["valid"] = f"the last {len(valid_rows)} rows of {files['train']} (data.valid_holdout)"
         atomic_write_json(root / "data" / "summary.json", {
             "dir": str(data_dir(cfg.data)), "items": len(catalogue), "distinct_titles": len(set(catalogue.titles)),
-            **{f"{k}_rows": len(v) for k, v in splits.items()}})
+            **{f"{k}_rows": len(v) for k, v in splits.items()}, "valid_holdout": cfg.data.valid_holdout,
+            "files": files})
 
     # --- training and test evaluation, once per seed (run.seeds) or once with the config's seeds
     seeds: list[int | None] = list(cfg.run.seeds) or [None]

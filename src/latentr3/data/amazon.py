@@ -140,6 +140,8 @@ class JsonLinesFile:
                     if counting:
                         self.blank_lines += 1
                     continue
+                if line == 1 and data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM
+                    data = data[3:]
                 value, problem = self._parse(data, counting)
                 if problem is None and not isinstance(value, dict):
                     problem = f"not a JSON object (a {type(value).__name__})"
@@ -202,6 +204,19 @@ def parse_number(path, line: int, name: str, value, integral: bool = False) -> f
     return result
 
 
+# Times the datetime module can represent (years 1..9999), in seconds; sources in ms scale them.
+TIME_MIN_S, TIME_MAX_S = -62135596800, 253402300799
+
+
+def check_time(path, line: int, name: str, value: float, scale: int):
+    """`value` (a finite number of 1/`scale` seconds) inside the years 1..9999, or a DataFormatError."""
+    if not TIME_MIN_S * scale <= value <= TIME_MAX_S * scale:
+        unit = "seconds" if scale == 1 else "milliseconds"
+        raise DataFormatError(path, line, f"field {name!r} is out of range for a time in {unit} since 1970 "
+                              f"(years 1 to 9999): {_short(value)}")
+    return value
+
+
 class JsonItems(ItemSource):
     def __init__(self, file: JsonLinesFile, key: str, title: str, brand: str):
         self.file, self.key, self.title, self.brand = file, key, title, brand
@@ -228,6 +243,7 @@ class JsonReviews(ReviewSource):
 
     def reviews(self, progress: bool):
         path, user, item, rating, time = self.file.path, self.user, self.item, self.rating, self.time
+        t_min, t_max = TIME_MIN_S * self.time_scale, TIME_MAX_S * self.time_scale
         for line, record in self.file.records(progress):
             try:
                 u, i, r, t = record[user], record[item], record[rating], record[time]
@@ -240,7 +256,9 @@ class JsonReviews(ReviewSource):
                 i = _key(path, line, record, item)
             if type(t) is not int:
                 t = parse_number(path, line, time, t, integral=True)
-            if type(r) is not float:
+            if not t_min <= t <= t_max:  # negative or huge: out of what a datetime can hold
+                check_time(path, line, time, t, self.time_scale)
+            if type(r) is not float or r - r != 0.0:  # not a float, or NaN / inf
                 r = parse_number(path, line, rating, r)
             yield line, u, i, t, r
 

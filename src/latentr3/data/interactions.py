@@ -20,7 +20,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from latentr3.data.amazon import _window, open_binary, parse_number
+from latentr3.data.amazon import _window, check_time, open_binary, parse_number
 from latentr3.data.sequences import ItemSource, ReviewSource, prepare_from_sources
 from latentr3.data.splits import DataFormatError
 
@@ -104,6 +104,10 @@ class TableFile:
                 raise DataFormatError(self.path, 1, f"unreadable header: {exc}") from None
             if any(c not in header for c in self.columns):
                 self._header_error(header)
+            doubled = sorted({c for c in self.columns if header.count(c) > 1})
+            if doubled:
+                raise DataFormatError(self.path, 1, f"column(s) {', '.join(doubled)} appear more than once in the "
+                                      "header; which one holds the values is ambiguous")
             index = [header.index(c) for c in self.columns]
             width = len(header)
             done = 0
@@ -196,26 +200,38 @@ class TableReviews(ReviewSource):
         return len(self.table.bad_lines)
 
     def _time(self, line: int, value) -> float:
+        name = self.table.columns[2]
         if isinstance(value, datetime):
             moment = value
         else:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
+                number = float(value)
             text = "" if value is None else str(value).strip()
-            try:
-                return float(text)
-            except ValueError:
-                pass
+            if number is None:
+                try:
+                    number = float(text)
+                except (ValueError, OverflowError):
+                    pass
+            if number is not None:
+                if not math.isfinite(number):
+                    raise DataFormatError(self.table.path, line, f"column {name!r} is not a finite number: {text[:60]!r}")
+                return check_time(self.table.path, line, name, number, self.time_scale)
             try:
                 moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
             except ValueError:
-                name = self.table.columns[2]
                 raise DataFormatError(
                     self.table.path, line, f"column {name!r} is neither a number nor an ISO date-time: {text[:60]!r}"
                 ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
-        return moment.timestamp() * self.time_scale
+        try:
+            return check_time(self.table.path, line, name, moment.timestamp() * self.time_scale, self.time_scale)
+        except (OverflowError, ValueError, OSError) as exc:
+            if isinstance(exc, DataFormatError):
+                raise
+            raise DataFormatError(self.table.path, line, f"column {name!r}: the date-time is out of range: "
+                                  f"{str(value)[:60]!r}") from None
 
     def reviews(self, progress: bool):
         path, columns = self.table.path, self.table.columns

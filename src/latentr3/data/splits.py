@@ -131,10 +131,18 @@ def _read_text(path: Path) -> str:
     """The file's text (UTF-8, a leading BOM dropped); a decoding error names its line."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DataFormatError(path, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return text
+
+
+# A NUL byte is never text: a damaged or binary file (and ast.literal_eval refuses one).
+_NUL_PROBLEM = "contains a NUL byte (a damaged or binary file?)"
+
+
+_INT64_MIN, _INT64_END = -(2 ** 63), 2 ** 63  # item ids become int64 tensors
 
 
 def _parse_int(path: Path, line: int, name: str, raw: str) -> int:
@@ -143,9 +151,12 @@ def _parse_int(path: Path, line: int, name: str, raw: str) -> int:
         # int() accepts '1_000' and surrounding whitespace; be strict about digits.
         if not text.isascii() or not (text.isdigit() or (text[:1] in "+-" and text[1:].isdigit())):
             raise ValueError
-        return int(text)
-    except ValueError:
+        value = int(text)
+    except ValueError:  # also int()'s limit on the number of digits
         raise DataFormatError(path, line, f"{name} is not an integer: {_short(raw)}") from None
+    if not _INT64_MIN <= value < _INT64_END:
+        raise DataFormatError(path, line, f"{name} does not fit a 64-bit integer: {_short(raw)}")
+    return value
 
 
 def read_catalogue(path: str | os.PathLike, fmt: str = "auto") -> Catalogue:
@@ -161,6 +172,7 @@ def read_catalogue(path: str | os.PathLike, fmt: str = "auto") -> Catalogue:
     text = _read_text(path)
     if not text.strip():
         raise DataFormatError(path, 1, "the catalogue file is empty")
+    has_nul = "\x00" in text
 
     ids: list[int] = []
     titles: list[str] = []
@@ -174,6 +186,8 @@ def read_catalogue(path: str | os.PathLike, fmt: str = "auto") -> Catalogue:
         raw_line = raw_line.rstrip("\r")
         if not raw_line.strip():
             continue
+        if has_nul and "\x00" in raw_line:
+            raise DataFormatError(path, line_no, f"the line {_NUL_PROBLEM}")
         parts = raw_line.split("\t")
         if n_fields is None:
             if len(parts) not in _FORMAT_OF_FIELDS:
@@ -262,9 +276,16 @@ def _fast_list(text: str, kind: type) -> list | None:
 def _parse_list(path: Path, line: int, name: str, raw: str, kind: type) -> list:
     kind_name = kind.__name__
     text = raw.strip()
-    value = _fast_list(text, kind)
+    try:
+        value = _fast_list(text, kind)
+    except ValueError:  # int()'s limit on digits (4300)
+        raise DataFormatError(path, line, f"{name} has an id that does not fit a 64-bit integer: {_short(raw)}") from None
     if value is not None:
+        if kind is int and value and not (_INT64_MIN <= min(value) and max(value) < _INT64_END):
+            raise DataFormatError(path, line, f"{name} has an id that does not fit a 64-bit integer: {_short(raw)}")
         return value
+    if "\x00" in text:  # ast.literal_eval refuses NUL with a message that does not say where
+        raise DataFormatError(path, line, f"{name} contains a NUL byte: {_short(raw)}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -280,9 +301,19 @@ def _parse_list(path: Path, line: int, name: str, raw: str, kind: type) -> list:
                 path,
                 line,
                 f"{name} must be a list of {kind_name}, but element {position} is "
-                f"{type(element).__name__} {_short(repr(element), 60)}",
+                f"{type(element).__name__} {_short(_bounded_repr(element), 60)}",
             )
+        if kind is int and not _INT64_MIN <= element < _INT64_END:
+            raise DataFormatError(path, line, f"{name} element {position} does not fit a 64-bit integer")
     return value
+
+
+def _bounded_repr(value: Any) -> str:
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxstring, r.maxother = 3, 6, 80, 80
+    return r.repr(value)
 
 
 def read_split(path: str | os.PathLike, catalogue: Catalogue | None = None) -> list[Sample]:
@@ -302,6 +333,9 @@ def read_split(path: str | os.PathLike, catalogue: Catalogue | None = None) -> l
     except csv.Error as exc:
         raise DataFormatError(path, 1, f"malformed CSV header: {exc}") from None
     header = [name.strip() for name in header]
+    has_nul = "\x00" in text
+    if "\x00" in "".join(header):
+        raise DataFormatError(path, 1, f"the header {_NUL_PROBLEM}")
     seen: set[str] = set()
     for name in header:
         if name in seen:
@@ -336,6 +370,10 @@ def read_split(path: str | os.PathLike, catalogue: Catalogue | None = None) -> l
             continue  # blank line
         if len(row) != n_columns:
             raise DataFormatError(path, line, f"expected {n_columns} fields (as in the header), found {len(row)}")
+        if has_nul:
+            for name, cell in zip(header, row):
+                if "\x00" in cell:
+                    raise DataFormatError(path, line, f"column {name!r} {_NUL_PROBLEM}")
 
         history_titles = _parse_list(path, line, "history_item_title", row[i_hist_titles], str)
         history_ids = _parse_list(path, line, "history_item_id", row[i_hist_ids], int)
@@ -456,9 +494,17 @@ def write_split(path: str | os.PathLike, rows: Sequence[dict]) -> None:
 
     def write(handle) -> None:
         writer = csv.writer(handle, lineterminator="\n")
+        # csv.writer quotes a field with the line terminator ("\n") but not one with a bare "\r", which
+        # the reader takes for a line end: rows with one are written fully quoted.
+        quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        if columns and columns[0].startswith("\ufeff"):
+            handle.write("\ufeff")  # the reader drops one leading BOM: keep the column's own
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_cell(row[name]) for name in columns])
+            cells = [_cell(row[name]) for name in columns]
+            if any("\x00" in c for c in cells):
+                raise ValueError(f"write_split({path}): a NUL byte in a cell (the reader refuses it): {cells}")
+            (quoted if any("\r" in c for c in cells) else writer).writerow(cells)
 
     _atomic_write_text(Path(path), write)
 
@@ -478,10 +524,13 @@ def write_catalogue(
     if len(set(ids)) != len(ids):
         raise ValueError(f"write_catalogue({path}): duplicate item ids")
     for value in titles + (code_list or []):
-        if any(ch in value for ch in "\t\r\n") or not value.strip():
-            raise ValueError(f"write_catalogue({path}): empty value or one with a tab/newline: {value!r}")
+        if any(ch in value for ch in "\t\r\n\x00") or not value.strip():
+            raise ValueError(f"write_catalogue({path}): empty value or one with a tab/newline/NUL: {value!r}")
 
     def write(handle) -> None:
+        first = (code_list or titles)[:1]
+        if first and first[0].startswith("\ufeff"):
+            handle.write("\ufeff")  # the reader drops one leading BOM: keep the item's own
         for index, (item_id, title) in enumerate(zip(ids, titles)):
             prefix = f"{code_list[index]}\t" if code_list is not None else ""
             handle.write(f"{prefix}{title}\t{item_id}\n")

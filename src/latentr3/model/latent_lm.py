@@ -20,10 +20,110 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import CheckpointError
 from .latent_ratt import LatentRATT
 
 CONFIG_NAME = "latentr3.json"
 RATT_NAME = "latent_ratt.safetensors"
+
+
+# latentr3.json: key -> (check, what it must be); absent optional keys get the loader's defaults.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_META_REQUIRED = {
+    "num_latent": (lambda v: _is_int(v) and 0 <= v < 2 ** 31, "an integer >= 0"),
+    "latent_token_id": (lambda v: v is None or (_is_int(v) and 0 <= v < 2 ** 31),
+                        "an integer token id >= 0 (null without latent tokens)"),
+    "latent_rope_base": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and 0 < v < float("inf"), "a number > 0"),
+}
+_META_OPTIONAL = {
+    "lora": (lambda v: isinstance(v, bool), "true or false"),
+    "hidden_size": (lambda v: _is_int(v) and 0 < v < 2 ** 31, "an integer >= 1"),
+    "template": (lambda v: isinstance(v, str), "a string"),
+    "item_noun": (lambda v: isinstance(v, str), "a string"),
+    "backbone": (lambda v: isinstance(v, str), "a string"),
+    "base_model": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "cutoff_len": (lambda v: _is_int(v) and 0 < v < 2 ** 31, "an integer >= 1"),
+}
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    """The checked contents of a checkpoint's latentr3.json.
+
+    FileNotFoundError when the file is missing (the directory is not a checkpoint); CheckpointError
+    naming the file and the key when it is not a JSON object with the fields `save_pretrained` writes.
+    """
+    ckpt = Path(ckpt_dir)
+    path = ckpt / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a latentr3 checkpoint: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", ckpt) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"not valid JSON (line {e.lineno} column {e.colno}: {e.msg})", ckpt) from None
+    except (ValueError, RecursionError) as e:  # e.g. int digits limit, nesting
+        raise CheckpointError(path, f"not valid JSON ({type(e).__name__}: {str(e)[:100]})", ckpt) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(path, f"expected a JSON object, found a {type(meta).__name__}", ckpt)
+    for key, (ok, what) in _META_REQUIRED.items():
+        if key not in meta:
+            raise CheckpointError(path, f"the key {key!r} is missing", ckpt)
+        if not ok(meta[key]):
+            raise CheckpointError(path, f"{key!r} must be {what}, got {_short_repr(meta[key])}", ckpt)
+    if meta["latent_token_id"] is None and meta["num_latent"] > 0:
+        raise CheckpointError(path, f"'latent_token_id' is null but 'num_latent' is {meta['num_latent']}", ckpt)
+    for key, (ok, what) in _META_OPTIONAL.items():
+        if key in meta and meta[key] is not None and not ok(meta[key]):
+            raise CheckpointError(path, f"{key!r} must be {what}, got {_short_repr(meta[key])}", ckpt)
+    return meta
+
+
+def _short_repr(value) -> str:
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
+    return r.repr(value)
+
+
+def check_safetensors(path: Path, ckpt: Path | None = None) -> None:
+    """A safetensors file that exists and is complete: its header parses and the file holds every byte
+    the header's tensors need (a truncated copy fails here, not deep inside the loader)."""
+    if not path.is_file():
+        raise CheckpointError(path, "missing", ckpt)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CheckpointError(path, f"truncated ({size} bytes, not even a safetensors header)", ckpt)
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(path, f"truncated or not a safetensors file (header of {n} bytes, file of "
+                                  f"{size})", ckpt)
+        try:
+            header = json.loads(handle.read(n).decode("utf-8"))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+            raise CheckpointError(path, "not a safetensors file (its header does not parse)", ckpt) from None
+    if 8 + n + end > size:
+        raise CheckpointError(path, f"truncated: {size} bytes, its tensors need {8 + n + end}", ckpt)
+
+
+def _check_weights_dir(directory: Path, ckpt: Path) -> None:
+    if not directory.is_dir():
+        raise CheckpointError(directory, "missing (the backbone weights and tokenizer)", ckpt)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files and not any(directory.glob("*.bin")):
+        raise CheckpointError(directory, "holds no weights file (*.safetensors)", ckpt)
+    for f in files:
+        check_safetensors(f, ckpt)
+    if not (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file():
+        raise CheckpointError(directory / "config.json", "missing (the model's configuration)", ckpt)
 
 
 @dataclass
@@ -299,17 +399,25 @@ class LatentR3Model(nn.Module):
 
         ckpt = Path(ckpt_dir)
         recover_directory(ckpt)
-        meta_path = ckpt / CONFIG_NAME
         if not ckpt.is_dir():
             raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
-        if not meta_path.exists() and not (ckpt / "MANIFEST.json").exists():
+        if not (ckpt / CONFIG_NAME).exists() and not (ckpt / "MANIFEST.json").exists():
             raise FileNotFoundError(f"{ckpt} is not a latentr3 checkpoint: {CONFIG_NAME} is missing")
         verify_manifest(ckpt)  # names a missing, truncated or corrupt file (CheckpointError)
-        meta = json.loads(meta_path.read_text())
+        meta = read_checkpoint_meta(ckpt)
+        _check_weights_dir(ckpt / "backbone", ckpt)
+        if (ckpt / "base").exists():
+            _check_weights_dir(ckpt / "base", ckpt)
+        check_safetensors(ckpt / RATT_NAME, ckpt)
+        if not any((ckpt / "backbone" / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+            raise CheckpointError(ckpt / "backbone" / "tokenizer.json", "missing (the tokenizer)", ckpt)
         tok = load_tokenizer(ckpt / "backbone")
         if meta.get("lora"):
             from peft import PeftModel
 
+            if not (ckpt / "base").exists() and not meta.get("base_model"):
+                raise CheckpointError(ckpt / CONFIG_NAME, "a LoRA checkpoint without base/ must name its "
+                                      "'base_model'", ckpt)
             base_dir = ckpt / "base" if (ckpt / "base").exists() else meta["base_model"]
             base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
             if base.get_input_embeddings().num_embeddings < len(tok):

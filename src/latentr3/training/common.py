@@ -144,6 +144,19 @@ class MetricsLog:
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
+def warn_long_warmup(stage: str, warmup: int, total: int) -> bool:
+    """Warns (and returns True) when `stage`.warmup_steps is as long as the whole run or longer: the
+    learning rate would still be ramping up at the last step and the schedule after it never runs."""
+    if warmup > 0 and warmup >= total:
+        import warnings
+
+        warnings.warn(f"{stage}.warmup_steps={warmup} is not shorter than the run's {total} optimizer "
+                      f"step(s): the learning rate never reaches {stage}.lr and the {stage}.scheduler never "
+                      f"starts; lower {stage}.warmup_steps (or train for more steps)", UserWarning, stacklevel=2)
+        return True
+    return False
+
+
 def build_scheduler(optimizer, name: str, warmup: int, total: int):
     """Linear warm-up over `warmup` steps, then `name` (linear | cosine | constant) until `total`."""
     from transformers import get_scheduler

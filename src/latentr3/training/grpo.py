@@ -53,7 +53,7 @@ from ..evaluation.evaluate import build_trie, evaluate_samples, output_vocab_siz
 from .advantages import (ADVANTAGE_RULES, ADVANTAGE_SCOPES, compute_advantages, item_frequencies,
                          popularity_groups, popularity_scores, popularity_thresholds, perplexity_reward)
 from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
-                     make_accelerator)
+                     make_accelerator, warn_long_warmup)
 
 NDCG_KEY = "legacy/NDCG@10"
 
@@ -358,7 +358,7 @@ def train_grpo(cfg: Config) -> Path:
     """
     from accelerate.utils import set_seed
 
-    from ..data.dataset import (collate, load_catalogue, subsample, tokenize_samples,
+    from ..data.dataset import (collate, item_noun, load_catalogue, subsample, tokenize_samples,
                                 train_and_valid)
     from ..data.prompts import PromptBuilder
     from ..model.build import resolve_dtype
@@ -404,7 +404,7 @@ def train_grpo(cfg: Config) -> Path:
         save_meta["base_model"] = str(Path(g.init).resolve() / "backbone")
     save_meta["grpo_init"] = str(g.init)
     builder = PromptBuilder(tokenizer, meta.get("template", cfg.prompt.template),
-                            meta.get("item_noun", cfg.data.item_noun),
+                            meta.get("item_noun") or item_noun(cfg.data),
                             meta.get("cutoff_len", cfg.prompt.cutoff_len), model.num_latent)
 
     # --- data
@@ -427,6 +427,10 @@ def train_grpo(cfg: Config) -> Path:
     if steps_per_epoch == 0:
         raise ValueError(f"grpo.batch_size {B} exceeds the {len(train_set)} training rows")
     total_steps = g.max_steps or steps_per_epoch * g.epochs
+    if accelerator.is_main_process:
+        warn_long_warmup("grpo", g.warmup_steps, total_steps * g.num_iterations)
+        accelerator.print(f"prompt of the first training row ({cfg.data.train_split} line {train_rows[0].line}):\n"
+                          f"{builder.prompt_text(train_rows[0].history_titles)}")
 
     # --- optimisation
     params = [p for p in model.parameters() if p.requires_grad]

@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_write_json
 from ..config import Config
-from ..data.dataset import (collate, load_catalogue, subsample, tokenize_samples,
+from ..data.dataset import (collate, item_noun, load_catalogue, subsample, tokenize_samples,
                             train_and_valid)
 from ..data.prompts import PromptBuilder
 from ..model.build import build_model
 from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
-                     make_accelerator)
+                     make_accelerator, warn_long_warmup)
 
 
 def masked_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,42 +44,21 @@ def validation_loss(model, loader, accelerator) -> float:
 
 
 def check_sft_config(cfg: Config) -> None:
-    """Rejects values that would fail late (after loading data) or obscurely (division by zero)."""
-    from ..config import ConfigError
+    """Rejects values that would fail late (after loading data) or obscurely (division by zero): every
+    field's allowed values and ranges (config.RULES, also checked when a config is loaded) and the ones
+    that depend on SFT."""
+    from ..config import ConfigError, config_problems
     from ..data.prompts import resolve_template
-    from .common import SCHEDULERS
 
     s = cfg.sft
-    problems = []
-    for key in ("micro_batch_size", "batch_size", "epochs", "save_steps", "log_steps"):
-        if getattr(s, key) < 1:
-            problems.append(f"sft.{key} must be >= 1, got {getattr(s, key)}")
+    problems = config_problems(cfg)
     if s.micro_batch_size >= 1 and s.batch_size % s.micro_batch_size:
         problems.append(f"sft.batch_size {s.batch_size} is not a multiple of sft.micro_batch_size "
                         f"{s.micro_batch_size}")
-    for key in ("max_steps", "warmup_steps", "eval_steps", "patience", "halt_after_steps"):
-        if getattr(s, key) < 0:
-            problems.append(f"sft.{key} must be >= 0, got {getattr(s, key)}")
-    if s.sample < -1:
-        problems.append(f"sft.sample must be -1 (all), 0 (no fine-tuning) or a row count, got {s.sample}")
-    if s.valid_sample == 0 or s.valid_sample < -1:
-        problems.append(f"sft.valid_sample must be -1 (all) or a positive row count, got {s.valid_sample}")
-    if not s.lr > 0:
-        problems.append(f"sft.lr must be > 0, got {s.lr}")
-    if s.weight_decay < 0:
-        problems.append(f"sft.weight_decay must be >= 0, got {s.weight_decay}")
-    if not s.max_grad_norm > 0:
-        problems.append(f"sft.max_grad_norm must be > 0, got {s.max_grad_norm}")
-    if s.scheduler not in SCHEDULERS:
-        problems.append(f"sft.scheduler must be one of {sorted(SCHEDULERS)}, got {s.scheduler!r}")
-    if cfg.model.num_latent < 0:
-        problems.append(f"model.num_latent must be >= 0, got {cfg.model.num_latent}")
     from ..model.latent_ratt import LatentRATT
 
     if cfg.model.latent_init not in LatentRATT.INITS:
         problems.append(f"model.latent_init must be one of {LatentRATT.INITS}, got {cfg.model.latent_init!r}")
-    if cfg.prompt.cutoff_len < 1:
-        problems.append(f"prompt.cutoff_len must be >= 1, got {cfg.prompt.cutoff_len}")
     try:
         resolve_template(cfg.prompt.template)
     except ValueError as e:
@@ -104,6 +83,7 @@ def train_sft(cfg: Config) -> Path:
 
     # --- data
     catalogue = load_catalogue(cfg.data)
+    noun = item_noun(cfg.data)
     all_train, all_valid = train_and_valid(cfg.data, catalogue)
     train_rows = subsample(all_train, s.sample, s.seed)
     valid_rows = subsample(all_valid, s.valid_sample, s.seed)
@@ -115,12 +95,15 @@ def train_sft(cfg: Config) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model, tokenizer = build_model(cfg.model, catalogue.titles, cfg.data.item_noun, tokenizer=tokenizer)
+    model, tokenizer = build_model(cfg.model, catalogue.titles, noun, tokenizer=tokenizer)
     if accelerator.is_main_process and not tok_dir.exists():
         tokenizer.save_pretrained(tok_dir)
-    builder = PromptBuilder(tokenizer, cfg.prompt.template, cfg.data.item_noun, cfg.prompt.cutoff_len,
+    builder = PromptBuilder(tokenizer, cfg.prompt.template, noun, cfg.prompt.cutoff_len,
                             cfg.model.num_latent)
-    meta = {"backbone": cfg.model.backbone, "item_noun": cfg.data.item_noun,
+    if train_rows:
+        accelerator.print(f"prompt of the first training row ({cfg.data.train_split} line {train_rows[0].line}):\n"
+                          f"{builder.prompt_text(train_rows[0].history_titles)}")
+    meta = {"backbone": cfg.model.backbone, "item_noun": noun,
             "template": cfg.prompt.template, "cutoff_len": cfg.prompt.cutoff_len}
 
     if s.sample == 0:  # the paper's "0 rows" point: the model before any fine-tuning
@@ -141,6 +124,8 @@ def train_sft(cfg: Config) -> Path:
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes
                                 / accelerator.gradient_accumulation_steps)
     total_steps = s.max_steps or steps_per_epoch * s.epochs
+    if accelerator.is_main_process:
+        warn_long_warmup("sft", s.warmup_steps, total_steps)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
                                   weight_decay=s.weight_decay)
     # accelerate steps a prepared scheduler once per process per optimizer step, so the schedule is
