@@ -55,10 +55,6 @@ def check_sft_config(cfg: Config) -> None:
     if s.micro_batch_size >= 1 and s.batch_size % s.micro_batch_size:
         problems.append(f"sft.batch_size {s.batch_size} is not a multiple of sft.micro_batch_size "
                         f"{s.micro_batch_size}")
-    from ..model.latent_ratt import LatentRATT
-
-    if cfg.model.latent_init not in LatentRATT.INITS:
-        problems.append(f"model.latent_init must be one of {LatentRATT.INITS}, got {cfg.model.latent_init!r}")
     try:
         resolve_template(cfg.prompt.template)
     except ValueError as e:
