@@ -53,7 +53,7 @@ class PopularityBins:
         values = sorted(freq.values(), reverse=True)
         head_min = torso_min = 1
         if total:
-            cum, cuts = 0, []
+            cuts = []
             for target in (total / 3, 2 * total / 3):
                 # the smallest frequency f such that items with freq >= f hold >= target interactions
                 cum = 0
