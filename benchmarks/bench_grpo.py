@@ -141,10 +141,17 @@ def main(argv=None):
     for i in range(args.prompts):
         hist = rng.sample(titles, args.history)
         ex.append(Example(*builder.example(hist, rng.choice(titles)), i))
-    micro = []
-    for i in range(0, args.prompts, args.micro):
-        b = collate(ex[i:i + args.micro], tok.pad_token_id)
-        micro.append({k: v.to(args.device) for k, v in b.items()})
+    def micro_batches(examples):
+        out = []
+        for i in range(0, args.prompts, args.micro):
+            b = collate(examples[i:i + args.micro], tok.pad_token_id)
+            out.append({k: v.to(args.device) for k, v in b.items()})
+        return out
+
+    micro = micro_batches(ex)
+    # what train_grpo does (grpo.share_prompt_prefix): the instruction prefilled once, prompts cut after it
+    shared, cut = grpo.share_template_prefix(model, builder.template_prefix(), ex)
+    micro_cut = micro_batches(cut)
     G = args.generations
     g = GRPOConfig(num_generations=G, noise_std=1.5, batch_size=args.prompts, micro_batch_size=args.micro)
     noise = grpo.draw_noise(0, 0, args.prompts, G, 1, args.hidden, g.noise_std).to(args.device)
@@ -163,20 +170,25 @@ def main(argv=None):
 
     variants = {
         "reference (4 full forwards)": lambda: reference_step(model, opt, micro, noise, g),
-        "ours, single pass (default)": lambda: grpo.grpo_step(model, opt, sched, micro, noise, g, _OneProcess()),
+        "ours, single pass (default)": lambda: grpo.grpo_step(model, opt, sched, micro_cut, noise, g,
+                                                               _OneProcess(), shared=shared),
+        "ours, single pass, no shared": lambda: grpo.grpo_step(model, opt, sched, micro, noise, g, _OneProcess()),
         "ours, two passes, keep": lambda: grpo.grpo_step(
-            model, opt, sched, micro, noise, GRPOConfig(**{**g.__dict__, "single_pass": False}), _OneProcess()),
+            model, opt, sched, micro_cut, noise, GRPOConfig(**{**g.__dict__, "single_pass": False}), _OneProcess(),
+            shared=shared),
         "ours, two passes, recompute": lambda: grpo.grpo_step(
-            model, opt, sched, micro, noise,
-            GRPOConfig(**{**g.__dict__, "single_pass": False, "prefix_cache": "recompute"}), _OneProcess()),
+            model, opt, sched, micro_cut, noise,
+            GRPOConfig(**{**g.__dict__, "single_pass": False, "prefix_cache": "recompute"}), _OneProcess(),
+            shared=shared),
     }
     if args.profile:
         from torch.profiler import profile
 
         variants["ours, single pass (default)"]()
-        with profile() as prof:
+        with profile(record_shapes=True) as prof:
             variants["ours, single pass (default)"]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
         return
     times = {k: [] for k in variants}
     for fn in variants.values():  # warm-up

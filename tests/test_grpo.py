@@ -463,3 +463,67 @@ def test_sweep_picks_by_validation_and_skips_done_points(setup, capsys):
     stamp = done.stat().st_mtime_ns
     run_sweep(cfg, grid, "grpo")                              # finished points are not retrained
     assert done.stat().st_mtime_ns == stamp
+
+
+def test_grouped_samples_match_the_repeated_cache_path_and_its_gradients(setup):
+    """The grouped path (the G samples as queries over the prompt's KV, kept once) gives the generic
+    path's log-probs and LatentRATT gradients; prompts of different lengths (left padding) included."""
+    _, data, ckpt = setup
+    model, tok, builder = load(ckpt)
+    from latentr3.model import latent_rollout as LR
+
+    G = 4
+    batch = a_batch(data, builder, tok, n=4)
+    assert batch["prompt_mask"].min() == 0, "the batch should have left padding"
+    noise = noise_for(model, 4, G).reshape(4 * G, 1, -1)
+    m = batch["target_mask"].repeat_interleave(G, 0).bool()
+    out, grads = {}, {}
+    for grouped in (True, False):
+        with torch.no_grad():
+            pre = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+        assert LR.grouped_applies(model, pre)
+        logp = LR.sample_logprobs(model, pre, G, noise, batch["target_ids"], grouped=grouped)
+        model.zero_grad(set_to_none=True)
+        ((logp * m).sum() / m.sum()).backward()
+        out[grouped] = logp.detach()
+        grads[grouped] = [p.grad.clone() for p in model.latent_ratt.parameters()]
+    assert torch.allclose(out[True][m], out[False][m], atol=2e-5)
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    # the grouped path reads the prompt pass without consuming it
+    with torch.no_grad():
+        pre = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+        a = LR.sample_logprobs(model, pre, G, noise, batch["target_ids"], grouped=True)
+        b = LR.sample_logprobs(model, pre, G, noise, batch["target_ids"], grouped=True)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_shared_instruction_prefill_gives_the_same_step(setup, single_pass):
+    """grpo.share_prompt_prefix: the template's instruction prefilled once, the prompts cut after it; the
+    rewards, advantages and updated LatentRATT equal the step on the full prompts."""
+    _, data, ckpt = setup
+    g = GRPOConfig(num_generations=4, lr=0.05, advantage="batch", single_pass=single_pass)
+    out = []
+    for share in (False, True):
+        model, tok, builder = load(ckpt)
+        examples = tokenize_samples(read_split(data / "train.csv")[:4], builder)
+        shared = None
+        if share:
+            shared, examples = grpo.share_template_prefix(model, builder.template_prefix(), examples)
+            assert shared is not None and shared.attention_mask.shape[1] >= 3
+        batch = collate(examples, tok.pad_token_id)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=g.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        st = grpo.grpo_step(model, opt, sched, _split(batch, 2), noise_for(model, 4, 4), g, _OneProcess(),
+                            shared=shared)
+        out.append((st["rewards"], st["advantages"], model.latent_ratt.q_proj.weight.detach().clone()))
+    (r0, a0, w0), (r1, a1, w1) = out
+    assert torch.allclose(r1, r0, rtol=1e-5) and torch.allclose(a1, a0, atol=2e-5)
+    assert torch.allclose(w1, w0, atol=1e-5)
+    # a prompt that does not start with the prefix: nothing is shared, the examples are unchanged
+    model, tok, builder = load(ckpt)
+    examples = tokenize_samples(read_split(data / "train.csv")[:2], builder)
+    odd = [examples[0], grpo.Example(examples[1].prompt[1:], examples[1].target, 1)]
+    assert grpo.share_template_prefix(model, builder.template_prefix(), odd) == (None, odd)

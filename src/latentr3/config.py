@@ -278,6 +278,10 @@ class GRPOConfig:
     # graphs of this process's whole batch are held until the advantages are known.  false = the
     # two-pass step (rollout under no_grad, then a loss pass), which is also used otherwise.
     single_pass: bool = True
+    # (added) The backbone is frozen, so the prefix every training prompt starts with (the template's
+    # instruction) is prefilled once per run and every step runs only what follows it; exact up to float
+    # rounding.  Off by itself when some prompt does not start with it, or with grpo.lora.
+    share_prompt_prefix: bool = True
     # KL penalty to the SFT model's latent policy (0 = none, the paper).
     beta: float = 0.0
     # Also train a LoRA adapter on the (otherwise frozen) backbone.
@@ -503,7 +507,7 @@ RULES: dict[str, Any] = {
 # eval.length_penalty (decoding).
 FREE = {
     "data.dir", "data.item_noun", "data.allow_valid_on_train",
-    "model.lora", "model.lora_target_modules", "model.trim_vocab", "grpo.single_pass",
+    "model.lora", "model.lora_target_modules", "model.trim_vocab", "grpo.single_pass", "grpo.share_prompt_prefix",
     "prompt.template",
     "sft.output_dir", "sft.resume",
     "eval.model", "eval.output_dir", "eval.length_penalty", "eval.popularity_source", "eval.assistant",

@@ -12,7 +12,7 @@ from .config import EvalConfig
 from .data.dataset import CHECKPOINT_CATALOGUE
 from .data.splits import Catalogue, read_catalogue
 from .decoding.assistant import resolve_decoding
-from .decoding.beam_search import BeamBatch, shared_prefix_length
+from .decoding.beam_search import BeamBatch
 from .decoding.engine import DecodeRequest, DecodingEngine
 from .evaluation.evaluate import build_trie, builder_for_checkpoint, output_vocab_size
 from .model.build import resolve_dtype
@@ -46,7 +46,7 @@ class Recommender:
         self.builder = builder_for_checkpoint(tokenizer, meta, model.num_latent)
         self.trie = build_trie(catalogue, self.builder, output_vocab_size(model)).to(model.device)
         self._titles = set(catalogue.titles)
-        self.shared_prefix = template_prefix(self.builder)
+        self.shared_prefix = self.builder.template_prefix()
         self._engines: dict[int, DecodingEngine] = {}   # recommend()'s synchronous engines, by beam count
         self._lock = threading.Lock()
 
@@ -158,14 +158,3 @@ class Recommender:
             engine.run_until_idle()
         return [[Recommendation(t, self.catalogue.items_with_title(t), s)
                  for t, s in zip(r.future.result().titles, r.future.result().scores)] for r in reqs]
-
-
-def template_prefix(builder) -> list[int] | None:
-    """The token prefix every prompt of `builder` starts with (its instruction), or None.
-
-    Bounded by two prompts whose histories share no character; a prompt that does not start with it
-    (a tokenizer merging across the boundary, truncation) is simply prefilled in full by the engine.
-    """
-    a, b = builder.prompt_ids(["a"]), builder.prompt_ids(["Zq 9"])
-    n = shared_prefix_length([a, b])
-    return a[:n] or None

@@ -70,6 +70,14 @@ def target_text(title: str) -> str:
     return f'"{title}"\n'
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest token prefix common to all prompts."""
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
+
+
 @dataclass
 class PromptBuilder:
     """Renders and tokenizes prompts and targets for one tokenizer and template.
@@ -115,6 +123,17 @@ class PromptBuilder:
     def _untruncated(self, history_titles: list[str]) -> list[int]:
         last = self._encode(self._last_text(history_titles), first=len(self.segments) == 1)
         return self._head_ids + list(last)
+
+    def template_prefix(self) -> list[int] | None:
+        """The token prefix every prompt starts with (the template's instruction), or None.
+
+        Bounded by two prompts whose histories share no character; a prompt that does not start with it
+        (a tokenizer merging across the boundary, truncation) must be run in full by the caller (the
+        decoding engine does so; GRPO then shares nothing).
+        """
+        a, b = self.prompt_ids(["a"]), self.prompt_ids(["Zq 9"])
+        n = shared_prefix_length([a, b])
+        return a[:n] or None
 
     def prompt_ids(self, history_titles: list[str]) -> list[int]:
         """Token ids of the prompt; the oldest history titles are dropped until it fits `budget`."""

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from ..data.prompts import shared_prefix_length
 from ..model.latent_lm import LatentR3Model, left_pad
 from .decoder_step import LlamaFamilyStep, attend_beams
 from .engine import DecodeRequest, DecodeResult, DecodingEngine
@@ -238,14 +239,6 @@ def _user_topk(scores: torch.Tensor, user: torch.Tensor, num_users: int, k: int)
     mat[user, col] = scores
     val, idx = mat.topk(k, dim=1)
     return val, (first[:, None] + idx).clamp_(max=max(user.numel() - 1, 0))
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Length of the longest token prefix common to all prompts."""
-    first, n = prompts[0], min(len(p) for p in prompts)
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return n
 
 
 class _ActiveUsers:

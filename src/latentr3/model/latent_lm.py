@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import CheckpointError
@@ -178,9 +179,14 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels] without materialising the full log-softmax twice."""
-    logits = logits.float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    """log softmax(logits)[labels], in fp32.
+
+    Through cross-entropy: its fused log-softmax kernels (forward and backward) are 2.5-5x faster on CPU
+    than gather - logsumexp, whose max / sub / exp / sum and their backward each pass over the
+    (rows, vocab) logits (measured at GRPO's 144 x 4097 shape, 1 thread)."""
+    V = logits.shape[-1]
+    nll = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), reduction="none")
+    return -nll.view(labels.shape)
 
 
 class LatentR3Model(nn.Module):

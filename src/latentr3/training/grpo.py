@@ -25,10 +25,12 @@ updates, each a pass of loss micro-batches with gradient accumulation.  Gradient
 processes explicitly (the model is not DDP-wrapped: the single-pass methods are not `forward`).
 
 Single pass: the frozen backbone runs each prompt once, under no_grad, and its KV cache is shared by the
-prompt's G samples; each sample runs only its latent token(s) and target tokens on that cache.  The
-prompt's cache is kept from the rollout to the loss passes (``grpo.prefix_cache: keep``: a cheap fork,
-the cache tensors are never written in place) or recomputed (``recompute``).  The first latent is
-computed once per prompt (LatentRATT's keys/values over the prompt are the same for all G samples).
+prompt's G samples; each sample runs only its latent token(s) and target tokens on that cache
+(`model/latent_rollout.py`: on Llama-family backbones with one latent, as one set of queries over the
+prompt's KV, kept once).  The prompt's cache is kept from the rollout to the loss passes
+(``grpo.prefix_cache: keep``: a cheap fork, the cache tensors are never written in place) or recomputed
+(``recompute``).  The first latent is computed once per prompt (LatentRATT's keys/values over the prompt
+are the same for all G samples).
 
 The data order is drawn from (seed, epoch) and the noise from (seed, step) for the whole global batch,
 so a resumed run and a run on any number of processes see the same batches and the same noise; an
@@ -38,6 +40,7 @@ pass must reproduce the rollout.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -47,7 +50,9 @@ import torch
 
 from ..atomic import atomic_write_json
 from ..config import Config, GRPOConfig
+from ..data.dataset import Example
 from ..model.latent_lm import LatentR3Model, Prefix
+from ..model.latent_rollout import draw_noise, fork_prefix, sample_logprobs
 from ..evaluation.diagnostics import DIAGNOSTICS_LOGGED, diagnose_records
 from ..evaluation.evaluate import build_trie, evaluate_samples, output_vocab_size
 from .advantages import (ADVANTAGE_RULES, ADVANTAGE_SCOPES, compute_advantages, item_frequencies,
@@ -56,77 +61,6 @@ from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, bu
                      make_accelerator, warn_long_warmup)
 
 NDCG_KEY = "legacy/NDCG@10"
-
-
-# ============================================================================ single-pass model pieces
-def fork_prefix(prefix: Prefix) -> Prefix:
-    """A Prefix that can be consumed without consuming `prefix`.
-
-    Dynamic KV caches grow by concatenation and `batch_repeat_interleave` rebinds its tensors, so the
-    fork only needs new cache/layer objects sharing the same tensors (no copy of the prompt's KV).
-    Other cache types are deep-copied.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    cache = prefix.cache
-    layers = getattr(cache, "layers", None)
-    if layers is not None and all(type(l) is DynamicLayer for l in layers):  # noqa: E741
-        new = copy.copy(cache)
-        new.layers = [copy.copy(l) for l in layers]  # noqa: E741
-    else:
-        new = copy.deepcopy(cache)
-    return Prefix(new, prefix.attention_mask, prefix.hidden, prefix.positions, prefix.last_logits,
-                  prefix.latents)
-
-
-def _latent(ratt, prefix: Prefix) -> torch.Tensor:
-    return ratt(prefix.hidden, prefix.positions, prefix.attention_mask.bool(), prefix.hidden[:, -1],
-                prefix.positions[:, -1])
-
-
-def expand_and_think(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.Tensor,
-                     ratt=None) -> Prefix:
-    """`model.think(prefix.repeat_interleave(G), noise)`, with the first latent computed once per prompt.
-
-    prefix: a prompt-only Prefix of P rows (consumed); noise (P*G, N, D); `ratt` replaces the model's
-    LatentRATT (the frozen reference of the KL penalty).  Returns the P*G-row Prefix after the latents.
-    """
-    ratt = model.latent_ratt if ratt is None else ratt
-    N = model.num_latent
-    r = _latent(ratt, prefix).repeat_interleave(G, dim=0)
-    prefix.cache.batch_repeat_interleave(G)
-    rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731
-    # Later latents attend to the prompt's hidden states; with one latent they are not needed again
-    # (an empty tensor saves the repeat and the concatenations of `append`).  The prompt's last logits
-    # are replaced by the latent's before any target token is scored.
-    hidden = rep(prefix.hidden) if N > 1 else prefix.hidden[:, :0].repeat_interleave(G, dim=0)
-    p = Prefix(prefix.cache, rep(prefix.attention_mask), hidden, rep(prefix.positions),
-               prefix.last_logits[:, :0].repeat_interleave(G, dim=0))
-    latents = []
-    for i in range(N):
-        if i:
-            r = _latent(ratt, p)
-        r = r + noise[:, i].to(r.dtype)
-        latents.append(r)
-        p, _ = model.append(p, r[:, None, :], logits_to_keep=1)
-    p.latents = torch.stack(latents, 1)
-    return p
-
-
-def sample_logprobs(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.Tensor,
-                    target_ids: torch.Tensor, ratt=None) -> torch.Tensor:
-    """Per-token target log-probs (P*G, T) of the G latent samples of each prompt (prefix consumed)."""
-    p = expand_and_think(model, prefix, G, noise, ratt)
-    return model.target_logprobs(p, target_ids.repeat_interleave(G, dim=0))
-
-
-def draw_noise(seed: int, step: int, prompts: int, G: int, num_latent: int, hidden: int,
-               std: float) -> torch.Tensor:
-    """Latent noise (prompts, G, N, D) of one global batch, from (seed, step) only; sample 0 is zero."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    noise = torch.randn(prompts, G, num_latent, hidden, generator=g) * std
-    noise[:, 0] = 0.0
-    return noise
 
 
 # ============================================================================ rollouts and loss
@@ -147,13 +81,14 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int, keep_prefix: bool = True,
-            ref_ratt=None) -> Rollout:
+            ref_ratt=None, shared: Prefix | None = None) -> Rollout:
     """Prompt pass once per prompt, then G latent samples each: rewards and old log-probs (no grad).
 
-    noise: (P*G, N, D) or (P, G, N, D).
+    noise: (P*G, N, D) or (P, G, N, D); `shared`: the prefill of the token prefix every prompt of the
+    batch starts with (the batch's prompt_ids then hold what follows it; see `model.prefill`).
     """
     noise = noise.reshape(-1, *noise.shape[-2:]).to(model.device)
-    prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+    prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"], shared)
     tmask = batch["target_mask"].repeat_interleave(G, dim=0)
     logp = sample_logprobs(model, fork_prefix(prefix), G, noise, batch["target_ids"])
     ref = None
@@ -163,7 +98,8 @@ def rollout(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int, keep
     return Rollout(batch, noise, logp, rewards, tmask, prefix if keep_prefix else None, ref)
 
 
-def rollout_with_graph(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int) -> Rollout:
+def rollout_with_graph(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int,
+                       shared: Prefix | None = None) -> Rollout:
     """A rollout whose target pass keeps its graph, so it is also the loss pass (grpo.single_pass).
 
     With one policy update per rollout (num_iterations 1) the PPO ratio is exp(logp - logp.detach()) = 1,
@@ -171,7 +107,7 @@ def rollout_with_graph(model: LatentR3Model, batch: dict, noise: torch.Tensor, G
     recomputes them.  The prompt pass stays under no_grad (the backbone is frozen)."""
     noise = noise.reshape(-1, *noise.shape[-2:]).to(model.device)
     with torch.no_grad():
-        prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+        prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"], shared)
     tmask = batch["target_mask"].repeat_interleave(G, dim=0)
     logp = sample_logprobs(model, prefix, G, noise, batch["target_ids"])
     old = logp.detach()
@@ -179,7 +115,8 @@ def rollout_with_graph(model: LatentR3Model, batch: dict, noise: torch.Tensor, G
 
 
 def policy_loss(model: LatentR3Model, ro: Rollout, G: int, clip_low: float, clip_high: float,
-                beta: float = 0.0, train_backbone: bool = False) -> tuple[torch.Tensor, dict]:
+                beta: float = 0.0, train_backbone: bool = False,
+                shared: Prefix | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate of one rollout micro-batch (mean over its sequences) and token statistics.
 
     The prompt pass is the kept one (forked) or, without it, recomputed (under no_grad unless the
@@ -192,7 +129,7 @@ def policy_loss(model: LatentR3Model, ro: Rollout, G: int, clip_low: float, clip
             prefix = fork_prefix(ro.prefix)
         else:
             with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
-                prefix = model.prefill(ro.batch["prompt_ids"], ro.batch["prompt_mask"])
+                prefix = model.prefill(ro.batch["prompt_ids"], ro.batch["prompt_mask"], shared)
         logp = sample_logprobs(model, prefix, G, ro.noise, ro.batch["target_ids"])
     mask = ro.target_mask.to(logp.dtype)
     adv = ro.advantages.to(logp.dtype)[:, None]
@@ -227,6 +164,24 @@ class TrainableState:
                 p.copy_(sd[n].to(p.device, p.dtype))
 
 
+def share_template_prefix(model: LatentR3Model, prefix_ids: list[int] | None,
+                          examples: list[Example]) -> tuple[Prefix | None, list[Example]]:
+    """The prefill of the prefix every prompt starts with, and the examples with that prefix cut off.
+
+    The backbone is frozen in GRPO, so the template's instruction (about half the tokens of a short
+    history's prompt) is run once per run instead of once per prompt per step.  Nothing is shared, and the
+    examples come back unchanged, when some prompt does not start with `prefix_ids` (or would be empty
+    without it).
+    """
+    n = len(prefix_ids or [])
+    if n == 0 or any(len(e.prompt) <= n or e.prompt[:n] != prefix_ids for e in examples):
+        return None, examples
+    ids = torch.tensor([prefix_ids], device=model.device)
+    with torch.no_grad():
+        shared = model.prefill(ids, torch.ones_like(ids))
+    return shared, [dataclasses.replace(e, prompt=e.prompt[n:]) for e in examples]
+
+
 def _all_reduce_mean_grads(params: list[torch.nn.Parameter], accelerator) -> None:
     if accelerator.num_processes == 1:
         return
@@ -259,14 +214,18 @@ def scope_prompts(g: GRPOConfig) -> int:
 
 def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[dict], noise: torch.Tensor,
               g: GRPOConfig, accelerator, groups: torch.Tensor | None = None, ref_ratt=None,
-              train_backbone: bool = False) -> dict:
+              train_backbone: bool = False, shared: Prefix | None = None) -> dict:
     """One rollout batch: rollouts, gathered rewards, advantages, `num_iterations` optimizer updates.
 
     micro_batches: this process's share of the global batch (equal-sized, collated, on device);
     noise: (P_local, G, N, D) this process's rows of `draw_noise`; groups: (P_global,) popularity groups
-    of the whole global batch (rule popularity_group).  Returns the step's statistics, with the gathered
+    of the whole global batch (rule popularity_group); `shared`: the prefill of the prefix every prompt
+    starts with (`share_template_prefix`; only with a frozen backbone).  Returns the step's statistics,
+    with the gathered
     ``rewards`` and ``advantages`` tensors (P_global, G).
     """
+    if shared is not None and train_backbone:
+        raise ValueError("a shared prompt prefix is prefilled once, without gradients: not with a trained backbone")
     G = g.num_generations
     params = [p for p in model.parameters() if p.requires_grad]
     keep = g.prefix_cache == "keep" and not train_backbone
@@ -275,8 +234,8 @@ def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[di
     rollouts, k = [], 0
     for mb in micro_batches:
         P = mb["prompt_ids"].shape[0]
-        rollouts.append(rollout_with_graph(model, mb, noise[k:k + P], G) if single
-                        else rollout(model, mb, noise[k:k + P], G, keep, ref_ratt))
+        rollouts.append(rollout_with_graph(model, mb, noise[k:k + P], G, shared) if single
+                        else rollout(model, mb, noise[k:k + P], G, keep, ref_ratt, shared))
         k += P
     local_rewards = torch.cat([ro.rewards for ro in rollouts])
     rewards = accelerator.gather(local_rewards.contiguous())
@@ -294,7 +253,8 @@ def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[di
     losses, clipped, tokens, kl, grad_norms = [], 0.0, 0.0, 0.0, []
     for _ in range(g.num_iterations):
         for ro in rollouts:
-            loss, st = policy_loss(model, ro, G, g.clip_eps_low, g.clip_eps_high, g.beta, train_backbone)
+            loss, st = policy_loss(model, ro, G, g.clip_eps_low, g.clip_eps_high, g.beta, train_backbone,
+                                   shared)
             (loss / n_micro).backward()
             losses.append(loss.item())
             clipped += st["clipped_tokens"]
@@ -412,6 +372,12 @@ def train_grpo(cfg: Config) -> Path:
     all_train, all_valid = train_and_valid(cfg.data, catalogue)
     train_rows = subsample(all_train, g.sample, g.seed)
     train_set = tokenize_samples(train_rows, builder)
+    shared = None
+    if g.share_prompt_prefix and not train_backbone:
+        shared, train_set = share_template_prefix(model, builder.template_prefix(), train_set)
+        if shared is not None:
+            accelerator.print(f"the {shared.attention_mask.shape[1]}-token instruction every prompt starts "
+                              f"with is prefilled once (grpo.share_prompt_prefix)")
     groups_all = None
     if g.advantage == "popularity_group":
         freq = item_frequencies([s.history_ids for s in all_train], [s.target_id for s in all_train])
@@ -495,7 +461,7 @@ def train_grpo(cfg: Config) -> Path:
                            g.noise_std)[rank * local:(rank + 1) * local]
         groups = groups_all[global_idx] if groups_all is not None else None
         stats = grpo_step(model, optimizer, scheduler, micro, noise, g, accelerator, groups, ref_ratt,
-                          train_backbone)
+                          train_backbone, shared)
         stats.pop("rewards"), stats.pop("advantages")
         state.step += 1
         state.batches_in_epoch += 1

@@ -1,0 +1,137 @@
+"""A Llama-family decoder run through its own sub-modules, with the attention supplied by the caller.
+
+Why by hand: two hot paths need an attention that a backbone's forward cannot express without repeating
+KV, and both are cheaper without HF's per-call plumbing (output capturing, mask construction, attention
+dispatch):
+
+* a beam-search step (`decoding.decoder_step.LlamaFamilyStep`): one new token per live beam row,
+  attending to its user's prompt KV (kept once) and its own beam's generated KV;
+* the G latent samples of a GRPO prompt (`grouped_continuations`): each sample's latent + target tokens
+  attend to the prompt's KV (kept once, never repeated G times) and to its own earlier tokens.
+
+`LlamaFamily.run` does the layer loop with the checkpoint's projections, MLP, rotary embedding, norms and
+LM head (under peft, their LoRA layers); the caller's `attend(layer_index, q, k, v)` returns the attention
+output.  RMSNorm goes through `torch.nn.functional.rms_norm` for fp32 models (other dtypes call the
+backbone's own norm module so the rounding matches training).
+
+Supported: decoders laid out as Llama (Llama, Mistral without sliding window, Qwen2/Qwen2.5, Qwen3 with
+its q/k norms, SmolLM).  `LlamaFamily.supports(backbone)` says whether a backbone qualifies; callers fall
+back to the backbone's own forward for anything else.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+_SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def base_model(backbone):
+    """The HF *ForCausalLM under a peft wrapper (if any)."""
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaFamily:
+    """The layer loop of a Llama-family backbone over a flat list of new tokens."""
+
+    def __init__(self, backbone):
+        base = base_model(backbone)
+        self.model = base.model
+        self.lm_head = base.get_output_embeddings()
+        self.layers = list(self.model.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.fp32 = self.lm_head.weight.dtype == torch.float32
+
+    @staticmethod
+    def supports(backbone) -> bool:
+        base = base_model(backbone)
+        model = getattr(base, "model", None)
+        config = getattr(base, "config", None)
+        if config is None or model is None or getattr(config, "model_type", None) not in _SUPPORTED_MODEL_TYPES:
+            return False
+        if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]):
+            return False   # sliding-window layers
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if not all(hasattr(model, n) for n in needed) or base.get_output_embeddings() is None:
+            return False
+        for layer in model.layers:
+            attn = layer.self_attn
+            if getattr(attn, "sliding_window", None) or not all(
+                    hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+                return False
+            if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
+                return False
+        return True
+
+    def norm(self, module, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 and x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+        return module(x)
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor,
+            attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Logits (L, V) of the new tokens' input embeddings `x` (L, D) at `positions` (L,).
+
+        `attend(i, q, k, v)` gets layer i's rotated queries (L, Hq, Dh), keys and values (L, Hk, Dh) and
+        returns the attention output (L, Hq * Dh).
+        """
+        L, Dh = x.shape[0], self.head_dim
+        cos, sin = self.model.rotary_emb(x, positions[:, None])                               # (L, 1, Dh)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = self.norm(layer.input_layernorm, x)
+            q = attn.q_proj(h).view(L, -1, Dh)
+            k = attn.k_proj(h).view(L, -1, Dh)
+            v = attn.v_proj(h).view(L, -1, Dh)
+            if hasattr(attn, "q_norm"):   # Qwen3: per-head RMSNorm before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            qk = torch.cat([q, k], 1)     # one rotation for both
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k = qk[:, : q.shape[1]], qk[:, q.shape[1]:]
+            x = x + attn.o_proj(attend(i, q, k, v).to(x.dtype))
+            x = x + layer.mlp(self.norm(layer.post_attention_layernorm, x))
+        return self.lm_head(self.norm(self.model.norm, x))
+
+
+def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                          prompt_mask: torch.Tensor, next_position: torch.Tensor,
+                          embeds: torch.Tensor) -> torch.Tensor:
+    """Logits (P, G, S, V) of G continuations of S tokens after each of P prompts, sharing its KV.
+
+    prompt_kv: per layer the prompts' cached (rotated) keys and values (P, Hk, Lp, Dh); prompt_mask
+    (P, Lp) 1 for real positions; next_position (P,) the first continuation token's position id; embeds
+    (P, G, S, D) the continuations' input embeddings.  Continuation (p, g) attends to prompt p's real
+    positions and to its own earlier tokens only.  One SDPA call per layer: the G*S tokens of a prompt are
+    its queries over [prompt KV; the G continuations' KV] (no prompt KV repeated G times, no growing
+    cache); grouped-query heads are left to SDPA.  Differentiable in `embeds` (and in the weights).
+    """
+    P, G, S, D = embeds.shape
+    dev = embeds.device
+    positions = (next_position[:, None, None] + torch.arange(S, device=dev)).expand(P, G, S).reshape(-1)
+    seq = torch.arange(G * S, device=dev)
+    own = (seq[:, None] // S == seq[None, :] // S) & (seq[None, :] <= seq[:, None])          # (GS, GS)
+    allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(P, G * S, -1),
+                         own.expand(P, -1, -1)], dim=-1)[:, None]                          # (P, 1, GS, Lp+GS)
+    dtype = embeds.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+
+    def attend(i, q, k, v):
+        pk, pv = prompt_kv[i]
+        per_prompt = lambda t: t.view(P, G * S, t.shape[1], t.shape[2]).transpose(1, 2)  # noqa: E731
+        keys = torch.cat([pk.to(k.dtype), per_prompt(k)], dim=2)
+        values = torch.cat([pv.to(v.dtype), per_prompt(v)], dim=2)
+        qh = per_prompt(q)
+        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask.to(qh.dtype), scale=family.scaling,
+                                             enable_gqa=qh.shape[1] != keys.shape[1])
+        return out.transpose(1, 2).reshape(P * G * S, -1)
+
+    logits = family.run(embeds.reshape(P * G * S, D), positions, attend)
+    return logits.view(P, G, S, -1)
