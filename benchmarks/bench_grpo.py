@@ -31,7 +31,8 @@ import time
 import torch
 
 from latentr3.config import GRPOConfig
-from latentr3.training.advantages import compute_advantages, perplexity_reward
+from latentr3.model.latent_rollout import perplexity_reward
+from latentr3.training.advantages import compute_advantages
 
 
 # ------------------------------------------------------------------------------- reference-style step

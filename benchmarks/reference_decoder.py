@@ -21,7 +21,8 @@ from collections import defaultdict
 
 import torch
 
-from latentr3.model.latent_lm import LatentR3Model, left_pad
+from latentr3.data.dataset import left_pad
+from latentr3.model.latent_lm import LatentR3Model
 
 
 def build_prefix_table(sequences: dict[str, list[int]]) -> tuple[dict[tuple, list[int]], dict[tuple, str]]:

@@ -10,7 +10,7 @@ from latentr3.config import EvalConfig
 from latentr3.decoding.assistant import AssistantScores, TrieAssistant, load_assistant, resolve_decoding
 from latentr3.decoding.beam_search import constrained_beam_search
 from latentr3.evaluation.evaluate import build_trie, output_vocab_size
-from latentr3.model.latent_lm import left_pad
+from latentr3.data.dataset import left_pad
 
 HISTORIES = [[8, 10], [12], [19, 20, 21, 17]]        # item ids (= positions in CATALOGUE_TITLES)
 

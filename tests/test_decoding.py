@@ -10,7 +10,8 @@ from latentr3.decoding.beam_search import (BeamKV, beam_search_prompts, begin_be
 from latentr3.decoding.decoder_step import LlamaFamilyStep
 from latentr3.evaluation.evaluate import build_trie, output_vocab_size
 from latentr3.model.backbones import add_latent_token, tiny_qwen2, tiny_tokenizer_corpus, train_tiny_tokenizer
-from latentr3.model.latent_lm import LatentR3Model, left_pad, right_pad
+from latentr3.data.dataset import left_pad, right_pad
+from latentr3.model.latent_lm import LatentR3Model
 
 CATALOGUE_TITLES = [
     "Hits", "Hits 2", "Greatest Hits", "Greatest Hits", "Greatest Hits Vol. 2", "Blue", "Blue Train",

@@ -11,7 +11,7 @@ import torch
 from latentr3.decoding.beam_search import BeamBatch, batch_shared_prefix, beam_search_prompts
 from latentr3.decoding.engine import DeadlineExceeded, DecodeRequest, DecodingEngine, EngineClosed, QueueFull
 from latentr3.evaluation.evaluate import build_trie, output_vocab_size
-from latentr3.model.latent_lm import left_pad
+from latentr3.data.dataset import left_pad
 from test_decoding import CATALOGUE_TITLES, brute_force, make, make_varied
 
 

@@ -14,6 +14,7 @@ from latentr3.data.dataset import collate, tokenize_samples
 from latentr3.data.prompts import PromptBuilder
 from latentr3.data.splits import read_catalogue, read_split, write_catalogue, write_split
 from latentr3.model.build import build_model
+from latentr3.model import latent_rollout as LR
 from latentr3.model.latent_lm import LatentR3Model
 from latentr3.training import advantages as A
 from latentr3.training import grpo
@@ -115,7 +116,7 @@ def test_perplexity_reward_hand_computed():
     logp = torch.tensor([[math.log(0.5), math.log(0.25), 0.0], [math.log(0.1), -7.0, -9.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     # row 0: mean NLL = (ln 2 + ln 4) / 2 = 1.5 ln 2 -> ppl = 2^1.5; row 1: ppl = 10
-    got = A.perplexity_reward(logp, mask)
+    got = LR.perplexity_reward(logp, mask)
     assert torch.allclose(got, torch.tensor([-(2 ** 1.5), -10.0]))
 
 
@@ -237,7 +238,7 @@ def test_first_sample_noise_free_and_noise_reused(setup):
             one = {key: v[p:p + 1] for key, v in batch.items()}
             lp = model(one["prompt_ids"], one["prompt_mask"], one["target_ids"], one["target_mask"],
                        noise=noise[p, k][None])
-            r = A.perplexity_reward(lp, one["target_mask"])
+            r = LR.perplexity_reward(lp, one["target_mask"])
             assert torch.allclose(r, ro.rewards[p, k:k + 1], rtol=1e-5)
     # the loss pass uses the stored noise: at theta_old the ratio is 1 (kept and recomputed prompt pass)
     ro.advantages = torch.ones(4 * G)
@@ -470,7 +471,7 @@ def test_grouped_samples_match_the_repeated_cache_path_and_its_gradients(setup):
     path's log-probs and LatentRATT gradients; prompts of different lengths (left padding) included."""
     _, data, ckpt = setup
     model, tok, builder = load(ckpt)
-    from latentr3.model import latent_rollout as LR
+
 
     G = 4
     batch = a_batch(data, builder, tok, n=4)

@@ -9,7 +9,8 @@ from latentr3.data.prompts import PromptBuilder
 from latentr3.model.backbones import (
     LATENT_TOKEN, add_latent_token, tiny_qwen2, tiny_tokenizer_corpus, train_tiny_tokenizer)
 from latentr3.model.build import build_model
-from latentr3.model.latent_lm import LatentR3Model, left_pad, right_pad
+from latentr3.data.dataset import left_pad, right_pad
+from latentr3.model.latent_lm import LatentR3Model
 from latentr3.model.latent_ratt import LatentRATT
 
 HIDDEN = 32

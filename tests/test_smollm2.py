@@ -19,7 +19,8 @@ def test_smollm2_backbone_builds_a_latent_model(tmp_path, monkeypatch):
     from latentr3.config import ModelConfig
     from latentr3.data.prompts import PromptBuilder
     from latentr3.model.build import build_model
-    from latentr3.model.latent_lm import LatentR3Model, left_pad, right_pad
+    from latentr3.data.dataset import left_pad, right_pad
+    from latentr3.model.latent_lm import LatentR3Model
 
     monkeypatch.setenv("LATENTR3_CACHE", str(tmp_path))
     model, tok = build_model(ModelConfig(backbone="smollm2", num_latent=1), [], "movies")

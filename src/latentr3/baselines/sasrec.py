@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, EvalConfig, SASRecConfig
+from ..config import Config, SASRecConfig
 from ..data.splits import Catalogue, Sample
 
 WEIGHTS_NAME = "sasrec.safetensors"
@@ -219,7 +219,7 @@ def full_ranking_metrics(rec: SASRecRecommender, rows: list[Sample], k: int = 10
     return {f"HR@{k}": hits / max(n, 1), f"NDCG@{k}": ndcg / max(n, 1), "rows": n}
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -237,7 +237,7 @@ def train_sasrec(cfg: Config) -> Path:
         return out
     if s.loss_positions not in ("all", "last"):
         raise ValueError(f"sasrec.loss_positions must be all or last, got {s.loss_positions!r}")
-    device = _resolve_device(s.device)
+    device = resolve_device(s.device)
     torch.manual_seed(s.seed)
     catalogue = load_catalogue(cfg.data)
     train_rows, valid_rows = train_and_valid(cfg.data, catalogue)
@@ -343,20 +343,3 @@ def recommend_titles(rec: SASRecRecommender, histories: list[list[int]], catalog
             pairs = [(titles[j], x) for j, x in zip(i, v) if x > float("-inf")]
             out.append(([p[0] for p in pairs], [p[1] for p in pairs]))
     return out
-
-
-def evaluate_sasrec(model_dir: str | Path, samples: list[Sample], catalogue: Catalogue, cfg: EvalConfig,
-                    title_score: str = "max"):
-    """An EvalResult for a SASRec checkpoint, records in the LLM eval's format."""
-    from ..evaluation.evaluate import EvalResult, reported_ks, title_counts
-    from ..evaluation.metrics import compute_metrics
-
-    rec = SASRecRecommender.from_pretrained(model_dir, _resolve_device("auto"))
-    t0 = time.time()
-    recs = recommend_titles(rec, [s.history_ids for s in samples], catalogue, cfg.top_k, title_score)
-    seconds = time.time() - t0
-    records = [{"index": i, "history": s.history_titles, "target": s.target_title, "target_id": s.target_id,
-                "predicted": titles, "scores": scores} for i, (s, (titles, scores)) in enumerate(zip(samples, recs))]
-    metrics = compute_metrics([r["predicted"] for r in records], [r["target"] for r in records],
-                              title_counts(catalogue), reported_ks(cfg))
-    return EvalResult(metrics, records, seconds)

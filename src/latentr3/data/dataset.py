@@ -230,10 +230,29 @@ def tokenize_samples(samples: list[Sample], builder: PromptBuilder) -> list[Exam
     return [Example(p, t, i) for i, (p, t) in enumerate(pairs)]
 
 
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts, right-padded targets (see LatentR3Model for the layout)."""
-    from ..model.latent_lm import left_pad, right_pad
-
     prompt_ids, prompt_mask = left_pad([e.prompt for e in examples], pad_id)
     target_ids, target_mask = right_pad([e.target for e in examples], pad_id)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "target_ids": target_ids,

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from ..data.prompts import shared_prefix_length
-from ..model.latent_lm import LatentR3Model, left_pad
+from ..data.dataset import left_pad
+from ..model.latent_lm import LatentR3Model
 from .decoder_step import LlamaFamilyStep, attend_beams
 from .engine import DecodeRequest, DecodeResult, DecodingEngine
 from .trie import ItemTrie

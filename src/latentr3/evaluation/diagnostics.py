@@ -50,7 +50,7 @@ def latent_diagnostics(model, builder, histories: list[list[str]], targets: list
                        ndcg: Sequence[float], noise_std: float, batch_size: int = 16) -> dict:
     """The module's figures over these users (history titles, target title, beam-search NDCG@K)."""
     from ..data.dataset import Example, collate
-    from ..training.advantages import perplexity_reward  # GRPO's reward, the quantity being diagnosed
+    from ..model.latent_rollout import perplexity_reward  # GRPO's reward, the quantity being diagnosed
 
     if not (len(histories) == len(targets) == len(ndcg)):
         raise ValueError("histories, targets and ndcg must have one entry per user")

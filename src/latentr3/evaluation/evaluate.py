@@ -232,13 +232,30 @@ def checkpoint_label(path: str) -> str:
     return "/".join(parts[-2:])
 
 
+def evaluate_sasrec(model_dir: str | Path, samples: list[Sample], catalogue: Catalogue, cfg: EvalConfig,
+                    title_score: str = "max"):
+    """An EvalResult for a SASRec checkpoint, records in the LLM eval's format (full-catalogue ranking of
+    item ids -> distinct titles, see baselines/sasrec.py)."""
+    from ..baselines.sasrec import SASRecRecommender, recommend_titles, resolve_device
+
+    rec = SASRecRecommender.from_pretrained(model_dir, resolve_device("auto"))
+    t0 = time.time()
+    recs = recommend_titles(rec, [s.history_ids for s in samples], catalogue, cfg.top_k, title_score)
+    seconds = time.time() - t0
+    records = [{"index": i, "history": s.history_titles, "target": s.target_title, "target_id": s.target_id,
+                "predicted": titles, "scores": scores} for i, (s, (titles, scores)) in enumerate(zip(samples, recs))]
+    metrics = compute_metrics([r["predicted"] for r in records], [r["target"] for r in records],
+                              title_counts(catalogue), reported_ks(cfg))
+    return EvalResult(metrics, records, seconds)
+
+
 def run_eval(cfg: Config) -> dict:
     """The `latentr3 eval` command: evaluate a checkpoint on a split, write records and a summary."""
     from accelerate import PartialState
 
     from ..model.build import resolve_dtype
 
-    from ..baselines.sasrec import evaluate_sasrec, is_sasrec_checkpoint
+    from ..baselines.sasrec import is_sasrec_checkpoint
 
     e = cfg.eval
     if not e.model:

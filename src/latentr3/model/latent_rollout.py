@@ -126,6 +126,16 @@ def sample_logprobs(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.T
     return gather_logprobs(logits.reshape(P * G, T, -1), target_ids.repeat_interleave(G, dim=0))
 
 
+def perplexity_reward(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's reward of a latent sample: minus the perplexity of each target: ``-exp(mean over its tokens of -log p)``.
+
+    token_logprobs, mask: ``(..., T)``; the mask selects the target tokens (EOS included).  Returns ``(...)``.
+    """
+    mask = mask.to(token_logprobs.dtype)
+    nll = -(token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return -torch.exp(nll)
+
+
 def draw_noise(seed: int, step: int, prompts: int, G: int, num_latent: int, hidden: int,
                std: float) -> torch.Tensor:
     """Latent noise (prompts, G, N, D) of one global batch, from (seed, step) only; sample 0 is zero."""

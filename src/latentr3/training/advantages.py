@@ -1,4 +1,5 @@
-"""Rewards and advantage rules of latent GRPO: pure functions on tensors.
+"""Advantage rules of latent GRPO: pure functions on tensors (the reward, minus the perplexity of the
+target, is `model.latent_rollout.perplexity_reward`).
 
 Shapes: rewards are ``(P, G)``, one row per prompt and one column per latent sample, column 0 being the
 noise-free sample of its prompt.  Every rule returns advantages of the same shape.  "The batch" is the
@@ -21,16 +22,6 @@ import torch
 
 ADVANTAGE_RULES = ("batch", "group", "popularity_group", "pooled_zscore")
 ADVANTAGE_SCOPES = ("batch", "micro_step")
-
-
-def perplexity_reward(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Minus the perplexity of each target: ``-exp(mean over its tokens of -log p)``.
-
-    token_logprobs, mask: ``(..., T)``; the mask selects the target tokens (EOS included).  Returns ``(...)``.
-    """
-    mask = mask.to(token_logprobs.dtype)
-    nll = -(token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return -torch.exp(nll)
 
 
 def batch_relative_advantage(rewards: torch.Tensor) -> torch.Tensor:

@@ -52,11 +52,11 @@ from ..atomic import atomic_write_json
 from ..config import Config, GRPOConfig
 from ..data.dataset import Example
 from ..model.latent_lm import LatentR3Model, Prefix
-from ..model.latent_rollout import draw_noise, fork_prefix, sample_logprobs
+from ..model.latent_rollout import draw_noise, fork_prefix, perplexity_reward, sample_logprobs
 from ..evaluation.diagnostics import DIAGNOSTICS_LOGGED, diagnose_records
 from ..evaluation.evaluate import build_trie, evaluate_samples, output_vocab_size
 from .advantages import (ADVANTAGE_RULES, ADVANTAGE_SCOPES, compute_advantages, item_frequencies,
-                         popularity_groups, popularity_scores, popularity_thresholds, perplexity_reward)
+                         popularity_groups, popularity_scores, popularity_thresholds)
 from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
                      make_accelerator, warn_long_warmup)
 
