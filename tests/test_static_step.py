@@ -47,7 +47,7 @@ def test_static_step_lists_equal_the_eager_step(varied):
             for (i, k, exclude), a, b in zip(requests, want, got):
                 assert b.titles == a.titles, (with_assistant, max_users, i)
                 assert len(b.titles) == k and not set(b.title_index) & set(exclude)
-                assert torch.allclose(torch.tensor(b.scores), torch.tensor(a.scores), atol=1e-5, rtol=0)
+                assert torch.allclose(torch.tensor(b.scores), torch.tensor(a.scores), atol=1e-4, rtol=0)
     assert first[2].titles[0] not in [titles[j] for j in got[2].title_index]
 
 
@@ -67,7 +67,9 @@ def test_static_step_runs_bucketed_rows_and_keeps_its_kv_storage(varied, monkeyp
     assert lengths
     for rows, r_cap, places, lineage_shape in lengths:
         assert rows == r_cap or (rows & (rows - 1) == 0 and rows < r_cap), (rows, r_cap)
-        assert places == r_cap // 4 and lineage_shape == (places, 4, trie.max_depth)
+        slots = lineage_shape[2]
+        assert places == r_cap // 4 and lineage_shape[:2] == (places, 4)
+        assert slots == trie.max_depth or (slots & (slots - 1) == 0 and slots < trie.max_depth)
     # users left and joined at many steps; the storage moved only when more places / prompt were needed
     assert len(generations) <= 3 < len(lengths)
 
@@ -129,3 +131,17 @@ def test_cuda_graphs_mode_is_resolved_and_checked(varied):
     assert load_config(None, ["eval.cuda_graphs=off"]).eval.cuda_graphs == "off"     # YAML's boolean off
     with pytest.raises(ConfigError, match="eval.cuda_graphs must be one of 'auto', 'on', 'off'"):
         load_config(None, ["eval.cuda_graphs=sometimes"])
+
+
+def test_emptied_batch_keeps_its_static_storage(varied):
+    """A batch that empties (static batches, eval.refill = 1) keeps its KV storage, so CUDA graphs survive."""
+    model, tok, trie, prompts, _ = varied
+    batch = BeamBatch(model, trie, tok.pad_token_id, num_beams=4, max_top_k=4, cuda_graphs="on")
+    seen = []
+    for _ in range(2):
+        batch.admit([DecodeRequest(p, 4) for p in prompts[:2]])
+        layer = batch.act.cache.layers[0]
+        seen.append((layer.generation, layer.k_all.data_ptr(), layer.users))
+        while len(batch):
+            batch.step()
+    assert seen[0] == seen[1] and seen[0][2] == 2

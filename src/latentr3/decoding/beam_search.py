@@ -52,6 +52,7 @@ work, and the eager step measured as fast or faster (benchmarks/bench_eval.py --
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -265,6 +266,7 @@ class _CUDAGraphs:
         self.body = body
         self.graphs: dict = {}
         self.generation = None
+        self.failed = False
 
     def __call__(self, key, generation: int, *inputs: torch.Tensor) -> torch.Tensor:
         if generation != self.generation:     # the KV storage moved: graphs over the old one are stale
@@ -272,7 +274,13 @@ class _CUDAGraphs:
             self.generation = generation
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(inputs)
+            try:
+                entry = self.graphs[key] = self._capture(inputs)
+            except RuntimeError as e:   # a capture the driver refuses: run this one uncaptured, say so
+                if not self.failed:
+                    warnings.warn(f"CUDA graph capture failed ({e}); these steps run without graphs")
+                self.failed = True
+                return self.body(*inputs)
         graph, static_inputs, out = entry
         for buf, x in zip(static_inputs, inputs):
             buf.copy_(x)
@@ -405,6 +413,7 @@ class _ActiveUsers:
         self.nodes = e            # (R,) trie node of each beam row, R = U * K
         self.sums = None          # (U, K) sum of the beams' log-probs (+ assistant scores); -inf = dead beam
         self.fed = e              # (U,) tokens generated and fed so far (equal for a user's beams)
+        self.fed_host: list = []  # the same on the host (the static step's slots bucket, without a read)
         self.lineage = None       # (U, K, slots) column of beam k's ancestor at each slot (BeamKV)
         self.base_pos = e         # (U,) position of the first generated token
         self.assistant = None     # AssistantScores of the active users (D3), or None
@@ -463,6 +472,7 @@ class BeamBatch:
         self.graphs = _CUDAGraphs(self._static_forward) if self.static and on_cuda else None
         self.slots = max(self.trie.max_depth, 1)     # static KV: a title has at most max_depth tokens
         self.root_degree = int(self.trie.row_ptr[1] - self.trie.row_ptr[0])
+        self._static_kv = None   # static step: the StaticBeamKV cache, kept when the batch empties
         self.reset()
 
     def __len__(self) -> int:
@@ -505,17 +515,6 @@ class BeamBatch:
         ids, mask = left_pad([r.prompt[start:] for r in reqs], self.pad_id, device)
         prefix = model.think(model.prefill(ids, mask, self._shared_prefill() if start else None))
         n = len(reqs)
-        if self.static:
-            self._widest = max(self._widest, self.root_degree)
-            layers = None
-            if act.cache is None:
-                layers = [StaticBeamKV(layer.keys, layer.values, prefix.attention_mask, K, self.slots)
-                          for layer in prefix.cache.layers]
-            else:
-                for layer, new in zip(act.cache.layers, prefix.cache.layers):
-                    layer.append(new.keys, new.values, prefix.attention_mask)
-        else:
-            layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, K) for layer in prefix.cache.layers]
         nodes = torch.full((n, K), self.dead, dtype=torch.long, device=device)
         nodes[:, 0] = 0                                                    # the root; the other beams dead
         sums = torch.full((n, K), NEG_INF, device=device)
@@ -523,15 +522,34 @@ class BeamBatch:
         rows_of = len(act.logits) if act.logits is not None else 0
         logit_row = rows_of + torch.arange(n, device=device).repeat_interleave(K)
         scores = self.assistant_of([r.key for r in reqs]) if self.assistant_of is not None else None
-        if act.cache is None:
+        fresh = act.cache is None
+        if self.static:
+            # users join the storage in place; an emptied batch keeps it (and the CUDA graphs over it)
+            self._widest = max(self._widest, self.root_degree)
+            if self._static_kv is None:
+                from transformers import DynamicCache
+
+                self._static_kv = DynamicCache()
+                self._static_kv.layers = [StaticBeamKV(layer.keys, layer.values, prefix.attention_mask, K,
+                                                       self.slots) for layer in prefix.cache.layers]
+            else:
+                for layer, new in zip(self._static_kv.layers, prefix.cache.layers):
+                    if fresh:
+                        layer.users = 0
+                    layer.append(new.keys, new.values, prefix.attention_mask)
+            act.cache = self._static_kv
+        elif fresh:
             from transformers import DynamicCache
 
             act.cache = DynamicCache()
-            act.cache.layers = layers
+            act.cache.layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, K)
+                                for layer in prefix.cache.layers]
+        else:
+            for layer, new in zip(act.cache.layers, prefix.cache.layers):
+                layer.extend(BeamKV(new.keys, new.values, prefix.attention_mask, K))
+        if fresh:
             act.logits, act.sums = prefix.last_logits, sums
         else:
-            for layer, extra in zip(act.cache.layers, layers or ()):
-                layer.extend(extra)
             act.logits = torch.cat([act.logits, prefix.last_logits])
             act.sums = torch.cat([act.sums, sums])
         act.reqs = act.reqs + list(reqs)
@@ -542,6 +560,7 @@ class BeamBatch:
                                      torch.full((n, self.width), -1, dtype=torch.long, device=device)])
         act.nodes = torch.cat([act.nodes, nodes.view(-1)])
         act.fed = torch.cat([act.fed, torch.zeros(n, dtype=torch.long, device=device)])
+        act.fed_host = act.fed_host + [0] * n
         slots = self.slots if self.static else _SLOT_CHUNK if act.lineage is None else act.lineage.shape[2]
         lineage = torch.zeros(n, K, slots, dtype=torch.long, device=device)
         act.lineage = lineage if act.lineage is None else torch.cat([act.lineage, lineage])
@@ -584,7 +603,9 @@ class BeamBatch:
         for layer in act.cache.layers:
             layer.select(kept)
         had_excluded = act.excluded is not None
-        act.reqs = [act.reqs[i] for i in kept.tolist()]
+        kept_host = kept.tolist()
+        act.reqs = [act.reqs[i] for i in kept_host]
+        act.fed_host = [act.fed_host[i] for i in kept_host]
         act.uids, act.top_k, act.sums, act.fed = act.uids[kept], act.top_k[kept], act.sums[kept], act.fed[kept]
         act.pool_scores, act.pool_titles = act.pool_scores[kept], act.pool_titles[kept]
         act.base_pos, act.lineage = act.base_pos[kept], act.lineage[kept]
@@ -729,6 +750,7 @@ class BeamBatch:
         act.logit_row = all_rows if run.numel() == R else \
             torch.zeros(R, dtype=torch.long, device=device).index_copy_(0, run, all_rows[: run.numel()])
         act.fed = act.fed + 1
+        act.fed_host = [f + 1 for f in act.fed_host]
         return finished
 
     def _static_step(self) -> list:
@@ -763,22 +785,26 @@ class BeamBatch:
         run = all_rows if rows == R_cap else torch.argsort(torch.where(live_all, all_rows, all_rows + R_cap))[:rows]
         tokens = F.pad(next_tokens.reshape(-1), (0, pad))[run]
         positions = F.pad((act.base_pos + act.fed).repeat_interleave(K), (0, pad))[run]
+        # attention reads the slots written so far, rounded up to a bucket (a prefix of the fixed storage)
+        slots = _bucket(max(act.fed_host) + 1, self.slots)
         fed = F.pad(act.fed, (0, R_cap // K - n_keep))
-        lineage = F.pad(act.lineage, (0, 0, 0, 0, 0, R_cap // K - n_keep))
+        lineage = F.pad(act.lineage[:, :, :slots], (0, 0, 0, 0, 0, R_cap // K - n_keep))
         if self.graphs is not None:
-            act.logits = self.graphs(rows, cache.layers[0].generation, tokens, positions, run, fed, lineage)
+            act.logits = self.graphs((rows, slots), cache.layers[0].generation, tokens, positions, run, fed,
+                                     lineage)
         else:
             act.logits = self._static_forward(tokens, positions, run, fed, lineage)
         # row r's logits: its index among the rows that ran (a dead row's is never read: it has no edges)
         act.logit_row = torch.zeros(R_cap, dtype=torch.long, device=device).index_copy_(
             0, run, all_rows[:rows])[:R]
         act.fed = act.fed + 1
+        act.fed_host = [f + 1 for f in act.fed_host]
         return finished
 
     def _static_forward(self, tokens, positions, run, fed, lineage) -> torch.Tensor:
         """The forward of the static-shape step (what a CUDA graph captures): fixed shapes, no host read."""
         cache = self.act.cache
-        begin_beam_step(cache, fed, run, lineage, slots=self.slots)
+        begin_beam_step(cache, fed, run, lineage, slots=lineage.shape[2])
         return self.run_step(tokens, positions, run, cache.layers[0].places * self.K, cache)
 
 
