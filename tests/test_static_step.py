@@ -145,3 +145,19 @@ def test_emptied_batch_keeps_its_static_storage(varied):
         while len(batch):
             batch.step()
     assert seen[0] == seen[1] and seen[0][2] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_lists_equal_the_eager_step_on_gpu(varied):
+    model, tok, trie, prompts, assistant = varied
+    model = model.to("cuda")
+    try:
+        requests = [(i, 4, ()) for i in range(len(prompts))]
+        want, _ = run_engine((model, tok, trie, prompts, assistant), "off", 3, 1, True, requests)
+        got, batch = run_engine((model, tok, trie, prompts, assistant), "on", 3, 1, True, requests)
+        assert batch.graphs is not None and batch.graphs.graphs and not batch.graphs.failed
+        for a, b in zip(want, got):
+            assert a.titles == b.titles
+            assert torch.allclose(torch.tensor(b.scores), torch.tensor(a.scores), atol=1e-4, rtol=0)
+    finally:
+        model.to("cpu")

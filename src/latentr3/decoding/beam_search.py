@@ -40,14 +40,17 @@ Two forms of the step (`eval.cuda_graphs`), same lists (tests/test_static_step.p
   nodes, the slots written so far), read back to the host where convenient;
 * static-shape (`on`): the live rows are padded to a bucket (a power of two, or all rows), the KV
   storage (`StaticBeamKV`) has a fixed number of user places, prompt positions and slots (the trie's
-  depth), the ancestry and mask cover all slots, every node's out-edges are padded to a power-of-two
-  width above the widest node ahead, and the step reads nothing back except one small tensor between
-  the selection and the forward (who stays, how many rows run, the widest node ahead: the stop check).
-  Users leave and join in place.  On CUDA the forward of each rows bucket is one CUDA graph
+  depth), the ancestry, mask and attention cover a power-of-two bucket of slots (a prefix of that
+  storage), every node's out-edges are padded to a power-of-two width above the widest node ahead, and
+  the step reads nothing back except one small tensor between the selection and the forward (who
+  stays, how many rows run, the widest node ahead: the stop check).  Users leave and join in place
+  (the storage outlives an emptied batch).  On CUDA the forward of each (rows, slots) bucket is one CUDA graph
   (`_CUDAGraphs`), captured on first use and replayed: a small-batch step of a 0.5B model is some 500
   kernel launches whose launch cost exceeds their run time.
-Why `auto` = static + graphs on CUDA only: on CPU nothing launches kernels, the padding is pure extra
-work, and the eager step measured as fast or faster (benchmarks/bench_eval.py --compare-static).
+The selection (scoring, top-k, pools, stop check inputs) is static-shape too, (U, K x width) for host-known
+U and width, but runs uncaptured; the forward (embedding, every layer, LM head) is what a graph holds.
+Why `auto` = static + graphs on CUDA only: on CPU there is no launch cost to save and the padding is pure
+extra work (bench_eval --compare-static on the shared 2-core CPU: static 0.90x the eager users/s).
 """
 from __future__ import annotations
 
