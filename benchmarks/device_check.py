@@ -237,12 +237,26 @@ def sft_check(model, world, args, dtype_name, device) -> None:
     tokens = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) + len(b["prompt_mask"]) for b in batches)
     _, dt = timed(lambda: [train_step(model, opt, b, "single") for b in batches], device)
     model.eval()
-    del opt
     flops = model_flops_per_sample(model.backbone, [{k: v.cpu() for k, v in b.items()} for b in batches], 1, False)
     achieved = flops * len(batches) * m / dt
     mfu = f", MFU {achieved / (PEAK_TFLOPS[dtype_name] * 1e12):.1%} of the H200 {dtype_name} peak" \
         if device.type == "cuda" else ""
     print(f"  SFT (full fine-tune, micro {m}): {tokens / dt:.0f} tokens/s, {achieved / 1e12:.2f} model TFLOP/s{mfu}")
+
+
+FAILED: list = []
+
+
+def section(name: str, fn, *a) -> None:
+    """Runs one part; a failure is printed and recorded (the exit status), the other parts still run."""
+    try:
+        fn(*a)
+    except Exception as e:  # noqa: BLE001 - reported, then the next part
+        import traceback
+
+        FAILED.append(name)
+        print(f"  {name} FAILED: {type(e).__name__}: {e}")
+        traceback.print_exc()
 
 
 def main(argv=None) -> None:
@@ -259,14 +273,16 @@ def main(argv=None) -> None:
             world["trie"] = build_trie(world["catalogue"], world["builder"], output_vocab_size(model)).to(device)
             n = sum(p.numel() for p in model.backbone.parameters())
             print(f"{shape} {dtype_name} ({n / 1e6:.0f}M parameters) [{time.perf_counter() - t0:.0f} s]")
-            decode_checks(model, world, args, dtype_name, device)
+            section(f"{shape} {dtype_name} decoding", decode_checks, model, world, args, dtype_name, device)
             if not args.skip_train:
-                grpo_check(model, world, args, device)
-                sft_check(model, world, args, dtype_name, device)
+                section(f"{shape} {dtype_name} GRPO", grpo_check, model, world, args, device)
+                section(f"{shape} {dtype_name} SFT", sft_check, model, world, args, dtype_name, device)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"done in {time.perf_counter() - t0:.0f} s")
+    print(f"done in {time.perf_counter() - t0:.0f} s" + (f"; FAILED: {', '.join(FAILED)}" if FAILED else ""))
+    if FAILED:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
