@@ -255,14 +255,16 @@ class StaticBeamKV(BeamKV):
 
 
 class _CUDAGraphs:
-    """The static-shape forward as one CUDA graph per key (rows bucket, KV storage generation).
+    """The static-shape forward as one CUDA graph per key (the (rows, slots) bucket), all dropped when the
+    KV storage is reallocated (a new generation: the graphs hold its old addresses).
 
     `body(*inputs)` must be a fixed sequence of kernels for a key: inputs of fixed shapes, no host read,
     its outputs allocated inside.  The first call of a key warms up on a side stream (two real runs:
     the step only writes K/V at the positions its inputs name, so repeating it is harmless), then
     captures into a graph with static copies of the inputs; every call copies its inputs into those
-    and replays.  The returned tensor is the graph's output buffer: valid until the next replay of
-    the same key (the beam search reads the logits before the next step).
+    and replays.  The graphs share one memory pool (their temporaries overlap, as they never run at
+    once), so the returned tensor, a graph's output buffer, is valid until the next replay of any key:
+    the beam search reads a step's logits before it runs the next forward.
     """
 
     def __init__(self, body):
@@ -270,10 +272,12 @@ class _CUDAGraphs:
         self.graphs: dict = {}
         self.generation = None
         self.failed = False
+        self.pool = None
 
     def __call__(self, key, generation: int, *inputs: torch.Tensor) -> torch.Tensor:
         if generation != self.generation:     # the KV storage moved: graphs over the old one are stale
             self.graphs.clear()
+            self.pool = None
             self.generation = generation
         entry = self.graphs.get(key)
         if entry is None:
@@ -298,8 +302,10 @@ class _CUDAGraphs:
             for _ in range(2):
                 self.body(*static_inputs)
         torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = self.body(*static_inputs)
         return graph, static_inputs, out
 
