@@ -605,14 +605,15 @@ class BeamBatch:
                 keys.append(r.uid * N + blocked)
         act.excluded = torch.cat(keys).sort().values if keys else None
 
-    def _keep(self, kept: torch.Tensor) -> None:
-        """Keeps the active users `kept` (indices, ascending): every per-user and per-row state."""
+    def _keep(self, kept: torch.Tensor, kept_host: list | None = None) -> None:
+        """Keeps the active users `kept` (indices, ascending; `kept_host` the same list, if known: no
+        read back): every per-user and per-row state."""
         act, K = self.act, self.K
         rows = (kept[:, None] * K + torch.arange(K, device=self.device)).view(-1)
         for layer in act.cache.layers:
             layer.select(kept)
         had_excluded = act.excluded is not None
-        kept_host = kept.tolist()
+        kept_host = kept.tolist() if kept_host is None else kept_host
         act.reqs = [act.reqs[i] for i in kept_host]
         act.fed_host = [act.fed_host[i] for i in kept_host]
         act.uids, act.top_k, act.sums, act.fed = act.uids[kept], act.top_k[kept], act.sums[kept], act.fed[kept]
@@ -778,8 +779,9 @@ class BeamBatch:
             self.reset()
             return finished
         if n_keep < U:
-            kept = torch.tensor([u for u in range(U) if stays[u]], dtype=torch.long, device=device)
-            self._keep(kept)
+            kept_host = [u for u in range(U) if stays[u]]
+            kept = torch.tensor(kept_host, dtype=torch.long, device=device)
+            self._keep(kept, kept_host)
             perm, next_tokens, live = perm[kept], next_tokens[kept], live[kept]
         act = self.act
         self._advance_lineage(perm)
