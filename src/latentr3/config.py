@@ -182,6 +182,13 @@ class EvalConfig:
     # mass below the beam's node).  Weight 0 = plain LLM decoding.
     assistant: str = ""
     assistant_weight: float = 1.0
+    # Beam-step shapes: "off" = the eager step (only the live rows run, every tensor as large as needed);
+    # "on" = the static-shape step (live rows padded to a power-of-two bucket, KV buffers, ancestry and
+    # trie-edge candidates at fixed sizes, no host read inside the step) and, on CUDA, one CUDA graph
+    # per bucket (launch overhead dominates a small-batch step on a GPU); on CPU "on" runs the
+    # static-shape step without capture.  "auto" = "on" on CUDA, "off" on CPU (where the padding costs
+    # more than it saves; see decoding/beam_search.py).  The lists do not depend on it.
+    cuda_graphs: str = "auto"
     # Uncertainty of every table (evaluation/stats.py): bootstrap resamples of the test users (also the
     # permutations of the paired sign-flip test), their seed, and the interval's level.
     bootstrap: int = 1000
@@ -464,6 +471,7 @@ RULES: dict[str, Any] = {
     "eval.ks": Each(AT_LEAST_1),
     "eval.dtype": OneOf(DTYPE_NAMES),
     "eval.decoding": OneOf(("", "bigrec", "d3")),
+    "eval.cuda_graphs": OneOf(("auto", "on", "off")),
     "eval.assistant_weight": NON_NEGATIVE,
     "eval.bootstrap": AT_LEAST_1, "eval.bootstrap_seed": SEED,
     "eval.ci_level": Range(0, 1, lo_open=True, hi_open=True),
@@ -515,6 +523,10 @@ FREE = {
     "grpo.init", "grpo.output_dir", "grpo.lora", "grpo.resume",
     "run.output_dir", "run.no_latent_baseline", "run.grpo", "run.plots", "run.sasrec", "run.d3",
 }
+
+
+# str fields whose values include "on" / "off" (which PyYAML reads as booleans when unquoted)
+_ON_OFF_FIELDS = {"eval.cuda_graphs"}
 
 
 def data_problems(d: "DataConfig") -> list[str]:
@@ -613,6 +625,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if value is None:
             return ""
+        if isinstance(value, bool) and key in _ON_OFF_FIELDS:
+            return "on" if value else "off"   # YAML 1.1 reads a bare on / off as a boolean
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {_show(value)}")
         return str(value)

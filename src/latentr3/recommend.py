@@ -130,7 +130,7 @@ class Recommender:
         K = num_beams or cfg.num_beams
         users = max_users or cfg.batch_size
         batch = BeamBatch(self.model, self.trie, self.tokenizer.pad_token_id, K, K, cfg.length_penalty,
-                          shared_prefix=self.shared_prefix)
+                          shared_prefix=self.shared_prefix, cuda_graphs=cfg.cuda_graphs)
         admit = admit_at if admit_at is not None else max(1, int(users * cfg.refill))
         return DecodingEngine(batch, users, admit_at=admit, max_queue=max_queue, on_step=on_step)
 

@@ -33,9 +33,29 @@ the trie nodes with nothing but excluded titles below them are masked).
 
 Scores are sum(log p) / length ** length_penalty, length = generated tokens including EOS
 (length_penalty 1 = BIGRec / the paper, 0 = plain sum as in D3).
+
+Two forms of the step (`eval.cuda_graphs`), same lists (tests/test_static_step.py):
+
+* eager (`off`): every tensor is as large as that step needs (the live rows, the edges of their trie
+  nodes, the slots written so far), read back to the host where convenient;
+* static-shape (`on`): the live rows are padded to a bucket (a power of two, or all rows), the KV
+  storage (`StaticBeamKV`) has a fixed number of user places, prompt positions and slots (the trie's
+  depth), the ancestry, mask and attention cover a power-of-two bucket of slots (a prefix of that
+  storage), every node's out-edges are padded to a power-of-two width above the widest node ahead, and
+  the step reads nothing back except one small tensor between the selection and the forward (who
+  stays, how many rows run, the widest node ahead: the stop check).  Users leave and join in place
+  (the storage outlives an emptied batch).  On CUDA the forward of each (rows, slots) bucket is one CUDA graph
+  (`_CUDAGraphs`), captured on first use and replayed: a small-batch step of a 0.5B model is some 500
+  kernel launches whose launch cost exceeds their run time.
+The selection (scoring, top-k, pools, stop check inputs) is static-shape too, (U, K x width) for host-known
+U and width, but runs uncaptured; the forward (embedding, every layer, LM head) is what a graph holds.
+Why `auto` = static + graphs on CUDA only: on CPU there is no launch cost to save and the padding is pure
+extra work (bench_eval --compare-static on the shared 2-core CPU: static 0.90x the eager users/s).
 """
 from __future__ import annotations
 
+import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +174,144 @@ class BeamKV(DynamicLayer):
         self.prompt_len = P
 
 
+_PROMPT_CHUNK = 32   # a static KV buffer's prompt part is a multiple of this many positions
+_GENERATIONS = itertools.count()   # every (re)allocation of a StaticBeamKV storage gets a new number
+
+
+def _bucket(n: int, most: int | None = None) -> int:
+    """The smallest power of two >= n, at most `most`."""
+    b = 1 << max(n - 1, 0).bit_length()
+    return b if most is None else min(b, most)
+
+
+class StaticBeamKV(BeamKV):
+    """A BeamKV whose storage keeps its shape and address while users come and go (static-shape step).
+
+    Storage (U_cap, H, P_cap + slots * K, D): U_cap user places (a power of two; the first `users` are the
+    active ones, the others stale and never read by an active beam), a prompt part of P_cap positions
+    (a multiple of _PROMPT_CHUNK; a user's prompt is right-aligned in it, the rest masked) and `slots`
+    generated slots (the trie's depth: a title never needs more).  Users leaving are compacted to the
+    front in place (`select`); users joining are written into free places (`append`).  Only when more
+    users or a longer prompt arrive than it holds is it reallocated (a new `generation`: CUDA graphs
+    captured over the old storage are dropped).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor, beams: int,
+                 slots: int):
+        DynamicLayer.__init__(self)
+        self.beams, self.slots, self.users = beams, slots, 0
+        self.k_all = self.v_all = self.prompt_bias = None
+        self.prompt_len = 0
+        self.write_user = self.write_pos = self.mask = None
+        self.is_initialized = True
+        self.keys = self.values = None
+        self.append(keys, values, prompt_mask)
+
+    @property
+    def capacity(self) -> int:
+        return self.slots
+
+    @property
+    def places(self) -> int:
+        return self.k_all.shape[0]
+
+    def _reallocate(self, places: int, prompt_len: int, like: torch.Tensor) -> None:
+        _, H, _, D = like.shape
+        K, P = self.beams, prompt_len
+        k = like.new_zeros(places, H, P + self.slots * K, D)
+        v = torch.zeros_like(k)
+        bias = torch.zeros(places, 1, 1, P, dtype=like.dtype, device=like.device)
+        n = self.users
+        if n:
+            shift = P - self.prompt_len     # the prompt part grows at the front: slots keep their offset
+            k[:n, :, shift:], v[:n, :, shift:] = self.k_all[:n], self.v_all[:n]
+            bias[:n, ..., :shift] = NEG_INF
+            bias[:n, ..., shift:] = self.prompt_bias[:n]
+        self.k_all, self.v_all, self.prompt_bias, self.prompt_len = k, v, bias, P
+        self.length = P + self.slots * K
+        self.generation = next(_GENERATIONS)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Adds users (their prompt K/V (n, H, P, D), left-padded under prompt_mask (n, P)) after the active ones."""
+        n, _, P, _ = keys.shape
+        a, U = self.users, self.users + n
+        if self.k_all is None or U > self.places or P > self.prompt_len:
+            places = U if self.k_all is None else max(U, self.places)
+            self._reallocate(_bucket(places), max(-(-P // _PROMPT_CHUNK) * _PROMPT_CHUNK, self.prompt_len), keys)
+        Pc = self.prompt_len
+        self.k_all[a:U, :, Pc - P: Pc], self.v_all[a:U, :, Pc - P: Pc] = keys, values
+        self.prompt_bias[a:U] = NEG_INF
+        self.prompt_bias[a:U, 0, 0, Pc - P:] = torch.zeros_like(prompt_mask, dtype=keys.dtype).masked_fill_(
+            ~prompt_mask.bool(), NEG_INF)
+        self.users = U
+
+    def select(self, users: torch.Tensor) -> None:
+        """Keeps `users` (indices into the active users), moved to the front in place."""
+        n = users.numel()
+        self.k_all[:n], self.v_all[:n] = self.k_all[users], self.v_all[users]
+        self.prompt_bias[:n] = self.prompt_bias[users]
+        self.users = n
+
+    def extend(self, new) -> None:
+        raise NotImplementedError("StaticBeamKV takes new users through append()")
+
+
+class _CUDAGraphs:
+    """The static-shape forward as one CUDA graph per key (the (rows, slots) bucket), all dropped when the
+    KV storage is reallocated (a new generation: the graphs hold its old addresses).
+
+    `body(*inputs)` must be a fixed sequence of kernels for a key: inputs of fixed shapes, no host read,
+    its outputs allocated inside.  The first call of a key warms up on a side stream (two real runs:
+    the step only writes K/V at the positions its inputs name, so repeating it is harmless), then
+    captures into a graph with static copies of the inputs; every call copies its inputs into those
+    and replays.  The graphs share one memory pool (their temporaries overlap, as they never run at
+    once), so the returned tensor, a graph's output buffer, is valid until the next replay of any key:
+    the beam search reads a step's logits before it runs the next forward.
+    """
+
+    def __init__(self, body):
+        self.body = body
+        self.graphs: dict = {}
+        self.generation = None
+        self.failed = False
+        self.pool = None
+
+    def __call__(self, key, generation: int, *inputs: torch.Tensor) -> torch.Tensor:
+        if generation != self.generation:     # the KV storage moved: graphs over the old one are stale
+            self.graphs.clear()
+            self.pool = None
+            self.generation = generation
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = self._capture(inputs)
+            except RuntimeError as e:   # a capture the driver refuses: run this one uncaptured, say so
+                if not self.failed:
+                    warnings.warn(f"CUDA graph capture failed ({e}); these steps run without graphs")
+                self.failed = True
+                return self.body(*inputs)
+        graph, static_inputs, out = entry
+        for buf, x in zip(static_inputs, inputs):
+            buf.copy_(x)
+        graph.replay()
+        return out
+
+    def _capture(self, inputs):
+        static_inputs = [x.clone() for x in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.body(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.body(*static_inputs)
+        return graph, static_inputs, out
+
+
 _ACTIVE_LAYERS: list | None = None   # the BeamKV layers of the search in progress (set around forwards)
 _BEAM_ATTENTION = "latentr3_beam"
 
@@ -178,17 +336,20 @@ def _register_beam_attention() -> None:
     AttentionMaskInterface.register(_BEAM_ATTENTION, lambda *args, **kwargs: None)  # the prompt mask is ours
 
 
-def begin_beam_step(cache, fed: torch.Tensor, run: torch.Tensor, lineage: torch.Tensor) -> None:
+def begin_beam_step(cache, fed: torch.Tensor, run: torch.Tensor, lineage: torch.Tensor,
+                    slots: int | None = None) -> None:
     """Prepares every BeamKV layer of `cache` for one step.
 
     fed (U,): tokens each user's beams have generated so far; beam k of user u writes its new token's K/V
     at slot fed[u], column k.  lineage (U, K, >= fed.max() + 1): the column of beam k's ancestor at each
     slot (its own column k at slot fed[u]).  A beam attends to its user's prompt and its ancestors'
-    slots 0..fed[u].  Only the beam rows `run` (u * K + k) write.
+    slots 0..fed[u].  Only the beam rows `run` (u * K + k) write.  `slots`: the mask covers that many
+    slots (static-shape step: no host read of fed.max()).
     """
     layers = cache.layers
     K, P = layers[0].beams, layers[0].prompt_len
-    U, t, device = fed.numel(), int(fed.max()) + 1, fed.device
+    U, device = fed.numel(), fed.device
+    t = int(fed.max()) + 1 if slots is None else slots
     columns = torch.arange(K, device=device)
     written = torch.arange(t, device=device)[None, :] <= fed[:, None]                   # (U, t)
     gen_ok = (lineage[:, :, :t, None] == columns) & written[:, None, :, None]            # (U, K, t, K)
@@ -255,6 +416,7 @@ class _ActiveUsers:
         self.nodes = e            # (R,) trie node of each beam row, R = U * K
         self.sums = None          # (U, K) sum of the beams' log-probs (+ assistant scores); -inf = dead beam
         self.fed = e              # (U,) tokens generated and fed so far (equal for a user's beams)
+        self.fed_host: list = []  # the same on the host (the static step's slots bucket, without a read)
         self.lineage = None       # (U, K, slots) column of beam k's ancestor at each slot (BeamKV)
         self.base_pos = e         # (U,) position of the first generated token
         self.assistant = None     # AssistantScores of the active users (D3), or None
@@ -279,11 +441,16 @@ class BeamBatch:
     its own top_k <= max_top_k and may exclude titles (their leaves are masked for that user only).
     `assistant`, when given, maps a list of request keys to their `AssistantScores` (D3).
     `shared_prefix`: token ids most prompts start with (the template's instruction), prefilled once.
+    `cuda_graphs` (auto / on / off, see the module docstring and EvalConfig.cuda_graphs): the static-shape
+    step (+ CUDA graphs on CUDA) or the eager one; the static step needs `LlamaFamilyStep` (another
+    backbone runs eager).
     """
 
     def __init__(self, model: LatentR3Model, trie: ItemTrie, pad_id: int, num_beams: int = 10,
                  max_top_k: int = 10, length_penalty: float = 1.0, assistant=None, fast_step: bool = True,
-                 shared_prefix: list[int] | None = None):
+                 shared_prefix: list[int] | None = None, cuda_graphs: str = "auto"):
+        if cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be 'auto', 'on' or 'off', got {cuda_graphs!r}")
         if not length_penalty >= 0:
             # With p < 0 a longer completion divides by a smaller L**p, so s / max_len**p is no upper bound
             # and the search would stop early with a wrong ranking.
@@ -302,13 +469,21 @@ class BeamBatch:
         self.shared_tokens = list(shared_prefix) if shared_prefix and len(shared_prefix) >= _MIN_SHARED_PREFIX \
             else None
         self._shared = None
-        self.act = _ActiveUsers(device, max_top_k)
+        on_cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.static = isinstance(self.run_step, LlamaFamilyStep) and (
+            cuda_graphs == "on" or (cuda_graphs == "auto" and on_cuda))
+        self.graphs = _CUDAGraphs(self._static_forward) if self.static and on_cuda else None
+        self.slots = max(self.trie.max_depth, 1)     # static KV: a title has at most max_depth tokens
+        self.root_degree = int(self.trie.row_ptr[1] - self.trie.row_ptr[0])
+        self._static_kv = None   # static step: the StaticBeamKV cache, kept when the batch empties
+        self.reset()
 
     def __len__(self) -> int:
         return len(self.act)
 
     def reset(self) -> None:
         self.act = _ActiveUsers(self.device, self.width)
+        self._widest = 0   # static step: out-degree of the widest trie node the live beams stand on
 
     @torch.no_grad()
     def _shared_prefill(self):
@@ -343,7 +518,6 @@ class BeamBatch:
         ids, mask = left_pad([r.prompt[start:] for r in reqs], self.pad_id, device)
         prefix = model.think(model.prefill(ids, mask, self._shared_prefill() if start else None))
         n = len(reqs)
-        layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, K) for layer in prefix.cache.layers]
         nodes = torch.full((n, K), self.dead, dtype=torch.long, device=device)
         nodes[:, 0] = 0                                                    # the root; the other beams dead
         sums = torch.full((n, K), NEG_INF, device=device)
@@ -351,15 +525,34 @@ class BeamBatch:
         rows_of = len(act.logits) if act.logits is not None else 0
         logit_row = rows_of + torch.arange(n, device=device).repeat_interleave(K)
         scores = self.assistant_of([r.key for r in reqs]) if self.assistant_of is not None else None
-        if act.cache is None:
+        fresh = act.cache is None
+        if self.static:
+            # users join the storage in place; an emptied batch keeps it (and the CUDA graphs over it)
+            self._widest = max(self._widest, self.root_degree)
+            if self._static_kv is None:
+                from transformers import DynamicCache
+
+                self._static_kv = DynamicCache()
+                self._static_kv.layers = [StaticBeamKV(layer.keys, layer.values, prefix.attention_mask, K,
+                                                       self.slots) for layer in prefix.cache.layers]
+            else:
+                for layer, new in zip(self._static_kv.layers, prefix.cache.layers):
+                    if fresh:
+                        layer.users = 0
+                    layer.append(new.keys, new.values, prefix.attention_mask)
+            act.cache = self._static_kv
+        elif fresh:
             from transformers import DynamicCache
 
             act.cache = DynamicCache()
-            act.cache.layers = layers
+            act.cache.layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, K)
+                                for layer in prefix.cache.layers]
+        else:
+            for layer, new in zip(act.cache.layers, prefix.cache.layers):
+                layer.extend(BeamKV(new.keys, new.values, prefix.attention_mask, K))
+        if fresh:
             act.logits, act.sums = prefix.last_logits, sums
         else:
-            for layer, extra in zip(act.cache.layers, layers):
-                layer.extend(extra)
             act.logits = torch.cat([act.logits, prefix.last_logits])
             act.sums = torch.cat([act.sums, sums])
         act.reqs = act.reqs + list(reqs)
@@ -370,8 +563,9 @@ class BeamBatch:
                                      torch.full((n, self.width), -1, dtype=torch.long, device=device)])
         act.nodes = torch.cat([act.nodes, nodes.view(-1)])
         act.fed = torch.cat([act.fed, torch.zeros(n, dtype=torch.long, device=device)])
-        lineage = torch.zeros(n, K, _SLOT_CHUNK if act.lineage is None else act.lineage.shape[2],
-                              dtype=torch.long, device=device)
+        act.fed_host = act.fed_host + [0] * n
+        slots = self.slots if self.static else _SLOT_CHUNK if act.lineage is None else act.lineage.shape[2]
+        lineage = torch.zeros(n, K, slots, dtype=torch.long, device=device)
         act.lineage = lineage if act.lineage is None else torch.cat([act.lineage, lineage])
         act.base_pos = torch.cat([act.base_pos, prefix.next_position])
         act.logit_row = torch.cat([act.logit_row, logit_row])
@@ -405,14 +599,17 @@ class BeamBatch:
                 keys.append(r.uid * N + blocked)
         act.excluded = torch.cat(keys).sort().values if keys else None
 
-    def _keep(self, kept: torch.Tensor) -> None:
-        """Keeps the active users `kept` (indices, ascending): every per-user and per-row state."""
+    def _keep(self, kept: torch.Tensor, kept_host: list | None = None) -> None:
+        """Keeps the active users `kept` (indices, ascending; `kept_host` the same list, if known: no
+        read back): every per-user and per-row state."""
         act, K = self.act, self.K
         rows = (kept[:, None] * K + torch.arange(K, device=self.device)).view(-1)
         for layer in act.cache.layers:
             layer.select(kept)
         had_excluded = act.excluded is not None
-        act.reqs = [act.reqs[i] for i in kept.tolist()]
+        kept_host = kept.tolist() if kept_host is None else kept_host
+        act.reqs = [act.reqs[i] for i in kept_host]
+        act.fed_host = [act.fed_host[i] for i in kept_host]
         act.uids, act.top_k, act.sums, act.fed = act.uids[kept], act.top_k[kept], act.sums[kept], act.fed[kept]
         act.pool_scores, act.pool_titles = act.pool_scores[kept], act.pool_titles[kept]
         act.base_pos, act.lineage = act.base_pos[kept], act.lineage[kept]
@@ -439,27 +636,54 @@ class BeamBatch:
         idx = idx[found].tolist()
         return DecodeResult([self.trie.titles_unique[i] for i in idx], sc[found].tolist(), idx)
 
-    @torch.no_grad()
-    def step(self) -> list:
-        """One beam step for every active user; [(request, DecodeResult)] of the users that finished."""
-        act, trie, K, V, device = self.act, self.trie, self.K, self.trie.vocab_size, self.device
-        U = len(act)
-        if not U:
-            return []
-        # ---- score every candidate edge of every live beam
+    def _edges_flat(self):
+        """Eager: every out-edge of every live beam, flat and user-sorted -> per-user top 2K candidates."""
+        act, trie, K, V = self.act, self.trie, self.K, self.trie.vocab_size
         lse = torch.logsumexp(act.logits[:, :V].float(), dim=-1)           # (M,)
         rows, tokens, kids = trie.edges(act.nodes)                         # rows sorted: user-major
         lrow = act.logit_row[rows]
         cand = act.sums.view(-1)[rows] + (act.logits[lrow, tokens].float() - lse[lrow])
         urow = torch.div(rows, K, rounding_mode="floor")
+        cand = self._edge_terms(cand, urow, act.nodes[rows], kids)
+        top_val, e = _user_topk(cand, urow, len(act), 2 * K)                 # (U, 2K)
+        return top_val, rows[e], tokens[e], kids[e]
+
+    def _edges_padded(self, width: int):
+        """Static: every live beam's out-edges padded to `width` (R, width) -> per-user top 2K candidates."""
+        act, trie, K, V = self.act, self.trie, self.K, self.trie.vocab_size
+        U, nodes = len(act), act.nodes
+        lse = torch.logsumexp(act.logits[:, :V].float(), dim=-1)           # (M,)
+        start = trie.row_ptr[nodes]
+        col = torch.arange(width, device=self.device)
+        valid = col < (trie.row_ptr[nodes + 1] - start)[:, None]             # (R, width)
+        idx = (start[:, None] + col).clamp_(max=max(trie.num_edges - 1, 0))
+        tokens, kids = trie.edge_token[idx], trie.edge_child[idx]
+        lrow = act.logit_row
+        cand = act.sums.view(-1)[:, None] + (act.logits[lrow[:, None], tokens].float() - lse[lrow][:, None])
+        urow = torch.div(torch.arange(U * K, device=self.device), K, rounding_mode="floor")[:, None]
+        cand = self._edge_terms(cand, urow, nodes[:, None], kids).masked_fill(~valid, NEG_INF)
+        top_val, e = cand.view(U, K * width).topk(2 * K, dim=1)             # (U, 2K)
+        src = torch.arange(U, device=self.device)[:, None] * K + torch.div(e, width, rounding_mode="floor")
+        return top_val, src, tokens.view(U, -1).gather(1, e), kids.view(U, -1).gather(1, e)
+
+    def _edge_terms(self, cand, urow, parents, kids):
+        """The assistant's edge scores (D3) and the users' excluded subtrees (-inf), added to `cand`."""
+        act = self.act
         if act.assistant is not None:   # text-free scores of the edges (D3), <= 0
-            cand = cand + act.assistant.edge_scores(urow, act.nodes[rows], kids)
+            cand = cand + act.assistant.edge_scores(urow, parents, kids)
         if act.excluded is not None:    # a user's excluded titles: their subtrees are masked for it alone
-            key = act.uids[urow] * trie.num_nodes + kids
+            key = act.uids[urow] * self.trie.num_nodes + kids
             cand = cand.masked_fill(torch.isin(key, act.excluded), NEG_INF)
-        top_val, e = _user_topk(cand, urow, U, 2 * K)                      # (U, 2K)
+        return cand
+
+    def _select(self, top_val, src, token, child):
+        """The 2K best candidates of each user -> its pool of finished titles and its next K beams.
+
+        Returns (sums, next_nodes, next_tokens, perm, live, keep): the next beams (U, K) (-inf / a leaf /
+        token 0 where dead), the column each continues, and which users still run.
+        """
+        act, trie, K, U = self.act, self.trie, self.K, len(self.act)
         alive = top_val > NEG_INF
-        src, token, child = rows[e], tokens[e], kids[e]                    # src: row in the current batch
         leaf = (trie.leaf_title_index[child] >= 0) & alive
 
         # finished titles -> the user's pool of the best top_k
@@ -476,15 +700,38 @@ class BeamBatch:
         next_nodes = torch.where(live, child.gather(1, pick), self.dead)
         next_tokens = torch.where(live, token.gather(1, pick), 0)
         # beam k continues beam perm[u, k] of its user (a dead beam: any, it does not run)
-        perm = torch.where(live, src.gather(1, pick) - torch.arange(U, device=device)[:, None] * K, 0)
+        perm = torch.where(live, src.gather(1, pick) - torch.arange(U, device=self.device)[:, None] * K, 0)
 
         # a user is done when its pool holds its top_k and no live beam can still enter it
         bound = _upper_bound(sums, self.leaf_depth[next_nodes], self.length_penalty).masked_fill(~live, NEG_INF)
         kth = best_s.gather(1, (act.top_k - 1)[:, None])[:, 0]
         pool_full = kth > NEG_INF
         keep = live.any(dim=1) & (~pool_full | (bound.max(dim=1).values > kth))
-        n_keep = int(keep.sum())
         act.sums, act.nodes = sums, next_nodes.view(-1)
+        return sums, next_nodes, next_tokens, perm, live, keep
+
+    def _advance_lineage(self, perm: torch.Tensor) -> None:
+        """The KV never moves: a beam's ancestry says which column it reads at each earlier slot, and its
+        new token goes to its own column k at slot fed[u]."""
+        act, K = self.act, self.K
+        act.lineage = act.lineage.gather(1, perm[:, :, None].expand_as(act.lineage))
+        if not self.static and int(act.fed.max()) >= act.lineage.shape[2]:
+            act.lineage = F.pad(act.lineage, (0, _SLOT_CHUNK))
+        columns = torch.arange(K, device=self.device)
+        act.lineage[torch.arange(len(act), device=self.device)[:, None], columns, act.fed[:, None]] = columns
+
+    @torch.no_grad()
+    def step(self) -> list:
+        """One beam step for every active user; [(request, DecodeResult)] of the users that finished."""
+        if not len(self.act):
+            return []
+        if self.static:
+            return self._static_step()
+        act, K, device = self.act, self.K, self.device
+        U = len(act)
+        # ---- score every candidate edge of every live beam, pick the next beams
+        sums, next_nodes, next_tokens, perm, live, keep = self._select(*self._edges_flat())
+        n_keep = int(keep.sum())
         finished = [(act.reqs[u], self._result(u)) for u in torch.nonzero(~keep).view(-1).tolist()]
         if n_keep == 0:
             self.reset()
@@ -494,13 +741,7 @@ class BeamBatch:
             self._keep(kept)
             perm, next_tokens, live = perm[kept], next_tokens[kept], live[kept]
         act = self.act
-        # The KV never moves: a beam's ancestry says which column it reads at each earlier slot, and its
-        # new token goes to its own column k at slot fed[u].
-        act.lineage = act.lineage.gather(1, perm[:, :, None].expand_as(act.lineage))
-        if int(act.fed.max()) >= act.lineage.shape[2]:
-            act.lineage = F.pad(act.lineage, (0, _SLOT_CHUNK))
-        columns = torch.arange(K, device=device)
-        act.lineage[torch.arange(n_keep, device=device)[:, None], columns, act.fed[:, None]] = columns
+        self._advance_lineage(perm)
 
         # ---- one token per live beam row: row r writes its K/V at slot fed[user] (position base_pos + fed)
         R = n_keep * K
@@ -513,7 +754,63 @@ class BeamBatch:
         act.logit_row = all_rows if run.numel() == R else \
             torch.zeros(R, dtype=torch.long, device=device).index_copy_(0, run, all_rows[: run.numel()])
         act.fed = act.fed + 1
+        act.fed_host = [f + 1 for f in act.fed_host]
         return finished
+
+    def _static_step(self) -> list:
+        """The static-shape step: no data-dependent shape and one host read (the stop check, below)."""
+        act, trie, K, device = self.act, self.trie, self.K, self.device
+        U = len(act)
+        width = _bucket(max(self._widest, 2))   # K * width >= 2K candidates per user
+        sums, next_nodes, next_tokens, perm, live, keep = self._select(*self._edges_padded(width))
+        # ---- the one host read: who stays, how many beam rows run next, the widest trie node ahead
+        degree = (trie.row_ptr[next_nodes + 1] - trie.row_ptr[next_nodes]).masked_fill(~keep[:, None], 0)
+        info = torch.cat([keep.long(), (live & keep[:, None]).sum().view(1), degree.max().view(1)]).tolist()
+        stays, n_live, self._widest = info[:U], info[U], info[U + 1]
+        finished = [(act.reqs[u], self._result(u)) for u in range(U) if not stays[u]]
+        n_keep = U - len(finished)
+        if n_keep == 0:
+            self.reset()
+            return finished
+        if n_keep < U:
+            kept_host = [u for u in range(U) if stays[u]]
+            kept = torch.tensor(kept_host, dtype=torch.long, device=device)
+            self._keep(kept, kept_host)
+            perm, next_tokens, live = perm[kept], next_tokens[kept], live[kept]
+        act = self.act
+        self._advance_lineage(perm)
+
+        # ---- the live rows first, padded with dead ones (of the active users or the free places) to a bucket
+        cache = act.cache
+        R, R_cap = n_keep * K, cache.layers[0].places * K
+        rows = _bucket(n_live, R_cap)
+        pad = R_cap - R
+        live_all = F.pad(live.reshape(-1), (0, pad))
+        all_rows = torch.arange(R_cap, device=device)
+        run = all_rows if rows == R_cap else torch.argsort(torch.where(live_all, all_rows, all_rows + R_cap))[:rows]
+        tokens = F.pad(next_tokens.reshape(-1), (0, pad))[run]
+        positions = F.pad((act.base_pos + act.fed).repeat_interleave(K), (0, pad))[run]
+        # attention reads the slots written so far, rounded up to a bucket (a prefix of the fixed storage)
+        slots = _bucket(max(act.fed_host) + 1, self.slots)
+        fed = F.pad(act.fed, (0, R_cap // K - n_keep))
+        lineage = F.pad(act.lineage[:, :, :slots], (0, 0, 0, 0, 0, R_cap // K - n_keep))
+        if self.graphs is not None:
+            act.logits = self.graphs((rows, slots), cache.layers[0].generation, tokens, positions, run, fed,
+                                     lineage)
+        else:
+            act.logits = self._static_forward(tokens, positions, run, fed, lineage)
+        # row r's logits: its index among the rows that ran (a dead row's is never read: it has no edges)
+        act.logit_row = torch.zeros(R_cap, dtype=torch.long, device=device).index_copy_(
+            0, run, all_rows[:rows])[:R]
+        act.fed = act.fed + 1
+        act.fed_host = [f + 1 for f in act.fed_host]
+        return finished
+
+    def _static_forward(self, tokens, positions, run, fed, lineage) -> torch.Tensor:
+        """The forward of the static-shape step (what a CUDA graph captures): fixed shapes, no host read."""
+        cache = self.act.cache
+        begin_beam_step(cache, fed, run, lineage, slots=lineage.shape[2])
+        return self.run_step(tokens, positions, run, cache.layers[0].places * self.K, cache)
 
 
 def batch_shared_prefix(prompts: list[list[int]]) -> list[int] | None:
@@ -528,7 +825,7 @@ def batch_shared_prefix(prompts: list[list[int]]) -> list[int] | None:
 def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[int]], pad_id: int,
                         max_users: int = 16, num_beams: int = 10, top_k: int = 10, length_penalty: float = 1.0,
                         assistant=None, fast_step: bool = True, share_prefix: bool = True,
-                        refill: float = 1.0, progress=None) -> BeamResult:
+                        refill: float = 1.0, progress=None, cuda_graphs: str = "auto") -> BeamResult:
     """Top-k distinct catalogue titles for every prompt (token id lists), decoding up to `max_users` at once.
 
     A thin user of `engine.DecodingEngine` over a `BeamBatch`: every prompt is submitted, then decoded
@@ -540,12 +837,14 @@ def beam_search_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list
     weight * log(subtree mass of child / of parent) is added to every candidate edge.  `fast_step` runs
     the beam steps through `LlamaFamilyStep` when the backbone is one it supports; False (or another
     architecture) runs them through the backbone's own forward.  `share_prefix` prefills the token
-    prefix common to all prompts once.  `progress.update(n)` is called as users finish.
+    prefix common to all prompts once.  `progress.update(n)` is called as users finish.  `cuda_graphs`:
+    the static-shape step (+ CUDA graphs) or the eager one (EvalConfig.cuda_graphs; same lists).
     """
     if not 0.0 < refill <= 1.0:
         raise ValueError(f"refill must be in (0, 1], got {refill}")
     shared = batch_shared_prefix(prompts) if share_prefix else None
-    batch = BeamBatch(model, trie, pad_id, num_beams, top_k, length_penalty, assistant, fast_step, shared)
+    batch = BeamBatch(model, trie, pad_id, num_beams, top_k, length_penalty, assistant, fast_step, shared,
+                      cuda_graphs)
     engine = DecodingEngine(batch, max_users, admit_at=max(1, int(max_users * refill)))
     futures = engine.submit_many([DecodeRequest(p, top_k, key=i) for i, p in enumerate(prompts)])
     engine.run_until_idle(progress)

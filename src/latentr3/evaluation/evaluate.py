@@ -162,7 +162,8 @@ def recommend_prompts(model: LatentR3Model, trie: ItemTrie, prompts: list[list[i
     if assistant is not None:
         scores_of = lambda idx: assistant.scores([histories[order[i]] for i in idx], model.device)  # noqa: E731
     res = beam_search_prompts(model, trie, [prompts[i] for i in order], pad_id, cfg.batch_size, cfg.num_beams,
-                              cfg.top_k, cfg.length_penalty, scores_of, refill=cfg.refill, progress=progress)
+                              cfg.top_k, cfg.length_penalty, scores_of, refill=cfg.refill, progress=progress,
+                              cuda_graphs=cfg.cuda_graphs)
     out: list = [None] * len(prompts)
     for j, i in enumerate(order):
         out[i] = (res.titles[j], res.scores[j])
