@@ -4,7 +4,7 @@ Why by hand: two hot paths need an attention that a backbone's forward cannot ex
 KV, and both are cheaper without HF's per-call plumbing (output capturing, mask construction, attention
 dispatch):
 
-* a beam-search step (`decoding.decoder_step.LlamaFamilyStep`): one new token per live beam row,
+* a beam-search step (`decoding.decoder_step.LlamaFamilyStep`, eager and static-shape): one new token per live beam row,
   attending to its user's prompt KV (kept once) and its own beam's generated KV;
 * the G latent samples of a GRPO prompt (`grouped_continuations`): each sample's latent + target tokens
   attend to the prompt's KV (kept once, never repeated G times) and to its own earlier tokens.
