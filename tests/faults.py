@@ -170,7 +170,6 @@ STAGES = ("prepare", "sft", "grpo", "sasrec", "eval")
 TINY = ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "model.tiny_vocab=400",
         "prompt.template=short", "prompt.cutoff_len=96"]
 PREPARED = ("train.csv", "valid.csv", "test.csv", "info.txt", "stats.json")
-WEIGHTS_SASREC = "sasrec.safetensors"
 # Sizes: "ci" for tests/test_faults.py (each launch is mostly the interpreter's start-up; enough saves,
 # epochs or chunks that 3 kills always land before the end, however fast the machine), "sweep" for
 # benchmarks/fault_sweep.py (20 kills a stage).
@@ -250,8 +249,8 @@ def stage_in_save(stage: str, out: Path) -> Callable[[], set] | None:
         return lambda: set() if (out / "stats.json").exists() else _markers(out / n for n in PREPARED)
     if stage in ("sft", "grpo"):
         return lambda: save_in_flight(out)
-    if stage == "sasrec":  # the weights written, the manifest (written last) not yet
-        return lambda: set() if (out / "MANIFEST.json").exists() else _markers([out / WEIGHTS_SASREC])
+    if stage == "sasrec":  # weights, sasrec.json and the catalogue copy (written last) in place, the manifest not
+        return lambda: set() if (out / "MANIFEST.json").exists() else _markers([out / "catalogue.txt"])
     return None
 
 
