@@ -2,12 +2,14 @@
 uninterrupted run.
 
 For each stage (prepare, sft, grpo, sasrec, eval) the same command runs once uninterrupted, then again
-under `--kills` seeded SIGKILLs (the first `--save-kills` of SFT and GRPO while a checkpoint or training
-state save is held open by LATENTR3_TEST_SLOW_SAVE, the others at a random moment after new progress),
-re-launched after each kill until it exits 0.  Then the outputs are compared bit for bit:
-prepare -> the split CSVs, catalogue and stats.json; sft / grpo -> every tensor of best/ (backbone and
-LatentRATT); sasrec -> sasrec.safetensors; eval -> summary.json without its timing fields and the lists
-in recommendations.jsonl.  One torch thread everywhere (the comparison is exact).
+under `--kills` seeded SIGKILLs (the first `--save-kills` of prepare, SFT, GRPO and SASRec while a save is
+held open by LATENTR3_TEST_SLOW_SAVE, the others at a random moment after new progress), re-launched after
+each kill until it exits 0.  Then the outputs are compared bit for bit:
+prepare -> every file of the dataset; sft / grpo -> every tensor of best/ (and GRPO's last/) and done.json;
+sasrec -> sasrec.safetensors and done.json; eval -> summary.json without its timing fields and the lists
+in recommendations.jsonl.  One torch thread everywhere (the comparison is exact).  The stages (commands,
+progress, saves in flight, results) are tests/faults.py's, shared with the CI kill tests
+(tests/test_faults.py); this runs them on larger sizes ("sweep") and the embedded MovieLens-100K.
 
 Run (from the repository root; ~1-2 h for 20 kills per stage on 2 cores):
     .venv/bin/python benchmarks/fault_sweep.py --kills 20 --out runs/fault_sweep
@@ -16,8 +18,6 @@ Options: --stages prepare sft grpo sasrec eval --seed 0 --save-kills 5
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import shutil
 import sys
 import time
@@ -26,38 +26,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from faults import (latentr3_cmd, partial_lines, run_until_done, save_in_flight, state_step,  # noqa: E402
-                    subprocess_env)
+from faults import STAGES, kill_stage, subprocess_env  # noqa: E402
 
-TINY = ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "model.tiny_vocab=400",
-        "prompt.template=short", "prompt.cutoff_len=96"]
-SFT = [*TINY, "sft.sample=640", "sft.valid_sample=32", "sft.micro_batch_size=8", "sft.batch_size=16",
-       "sft.epochs=1", "sft.warmup_steps=2", "sft.save_steps=2", "sft.eval_steps=10", "sft.patience=0"]
-GRPO = [*TINY, "grpo.sample=512", "grpo.batch_size=8", "grpo.micro_batch_size=4", "grpo.max_steps=56",
-        "grpo.warmup_steps=2", "grpo.save_steps=2", "grpo.eval_steps=8", "grpo.eval_sample=16"]
-SASREC = ["sasrec.epochs=3", "sasrec.patience=0", "sasrec.valid_sample=500", "sasrec.hidden=32"]
-EVAL = [*TINY, "eval.sample=480", "eval.batch_size=8", "eval.resume_every=8", "eval.bootstrap=200"]
-
-
-def digest_files(root: Path, pattern: str) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob(pattern)) if p.is_file() and "MANIFEST" not in p.name}
-
-
-def tensors(ckpt: Path) -> dict[str, str]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(ckpt.rglob("*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            out[f"{f.relative_to(ckpt)}:{k}"] = hashlib.sha256(v.numpy().tobytes()).hexdigest()
-    return out
-
-
-def eval_result(d: Path) -> dict:
-    s = json.loads((d / "summary.json").read_text())
-    s.pop("seconds", None), s.pop("users_per_second", None)
-    return {"summary": s, "lists": [json.loads(line)["predicted"] for line in (d / "recommendations.jsonl").open()]}
+# the longest a kill waits after fresh progress, per stage (a launch must not finish first)
+MAX_DELAY = {"prepare": 1.5, "sft": 1.0, "grpo": 1.0, "sasrec": 1.0, "eval": 0.5}
+# LATENTR3_TEST_SLOW_SAVE of the killed runs: prepare's pauses between files make the window its kills land
+# in (2 s after the first file), so it always has them
+SLOW = {"prepare": "0.5", "sft": "0.3", "grpo": "0.3", "sasrec": "1.0"}
 
 
 def main(argv=None) -> int:
@@ -65,47 +40,28 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--save-kills", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", nargs="+", default=["prepare", "sft", "grpo", "sasrec", "eval"])
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--out", default="runs/fault_sweep")
     args = p.parse_args(argv)
     root = Path(args.out).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     env = subprocess_env(root / "cache")
-    slow = {**env, "LATENTR3_TEST_SLOW_SAVE": "0.3"}
     log = root / "log.txt"
     rows = []
-
-    def stage(name, cmd_for, compare, progress_for, save_for=None, max_delay=1.0):
-        ref, run = root / f"{name}_ref", root / f"{name}_killed"
+    sft_ckpt = root / "sft_ref" / "best"
+    # GRPO and eval start from the SFT checkpoint of this sweep
+    stages = [s for s in STAGES if s in args.stages or (s == "sft" and {"grpo", "eval"} & set(args.stages))]
+    for name in stages:
         t0 = time.time()
-        run_until_done(cmd_for(ref), env, log, 0, 0, progress=lambda: 0)
-        rep = run_until_done(cmd_for(run), slow if save_for else env, log, args.kills, args.seed,
-                             progress=progress_for(run), in_save=save_for(run) if save_for else None,
-                             save_kills=args.save_kills if save_for else 0, max_delay=max_delay)
-        same = compare(ref) == compare(run)
+        save_kills = 0 if name == "eval" else args.save_kills
+        rep, ref, killed = kill_stage(name, root, env, args.kills, args.seed, MAX_DELAY[name], save_kills=save_kills,
+                                      slow_save=SLOW[name] if save_kills or name == "prepare" else None, size="sweep",
+                                      init=sft_ckpt, log=log, timeout=1800.0)
+        same = ref == killed
         rows.append((name, rep.kills, rep.launches, same, time.time() - t0))
         print(f"{name}: {rep.kills} kills, {rep.launches} launches, identical to the uninterrupted run: {same}",
               flush=True)
-
-    if "prepare" in args.stages:
-        stage("prepare", lambda d: latentr3_cmd("prepare", "movielens", "--out", str(d)),
-              lambda d: digest_files(d, "*"), lambda d: (lambda: time.time()), max_delay=6.0)
-    sft_ckpt = None
-    if {"sft", "grpo", "eval"} & set(args.stages):
-        stage("sft", lambda d: latentr3_cmd("sft", f"sft.output_dir={d}", *SFT), lambda d: tensors(d / "best"),
-              lambda d: (lambda: state_step(d)), save_for=lambda d: (lambda: save_in_flight(d)))
-        sft_ckpt = root / "sft_ref" / "best"
-    if "grpo" in args.stages:
-        stage("grpo", lambda d: latentr3_cmd("grpo", f"grpo.init={sft_ckpt}", f"grpo.output_dir={d}", *GRPO),
-              lambda d: tensors(d / "best"), lambda d: (lambda: state_step(d)),
-              save_for=lambda d: (lambda: save_in_flight(d)))
-    if "sasrec" in args.stages:
-        stage("sasrec", lambda d: latentr3_cmd("baseline", "sasrec", f"sasrec.output_dir={d}", *SASREC),
-              lambda d: tensors(d), lambda d: (lambda: time.time()), max_delay=8.0)
-    if "eval" in args.stages:
-        stage("eval", lambda d: latentr3_cmd("eval", f"--model={sft_ckpt}", *EVAL, f"eval.output_dir={d}"),
-              eval_result, lambda d: (lambda: partial_lines(d / "recommendations.partial.jsonl")), max_delay=0.5)
 
     print("\n| stage | SIGKILLs | launches | identical to uninterrupted | seconds |\n|---|---:|---:|---|---:|")
     for name, kills, launches, same, secs in rows:

@@ -120,12 +120,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _is_write_temporary(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
 def write_manifest(directory: str | Path) -> dict:
     """MANIFEST.json of every file under `directory` (written atomically, last)."""
     directory = Path(directory)
     files = {}
     for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME:
+        # a temporary of an atomic write (``.<name>.<random>.tmp``) is in flight or was left by a killed
+        # writer: never part of the checkpoint (atomic_open deletes a stale one, e.g. of the manifest
+        # itself, so listing it would make the manifest name a file that is gone)
+        if p.is_file() and p.name != MANIFEST_NAME and not _is_write_temporary(p):
             files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     manifest = {"format": 1, "files": files}
     atomic_write_json(directory / MANIFEST_NAME, manifest)
@@ -166,7 +173,9 @@ def recover_directory(path: str | Path) -> None:
 
 def fault_injection_pause() -> None:
     """Fault-injection hook for the kill tests: LATENTR3_TEST_SLOW_SAVE=<seconds> holds a directory save
-    between its content and its manifest, so a test can SIGKILL a process in the middle of a save."""
+    between its content and its manifest (checkpoints, training state, the SASRec run directory), and
+    `latentr3 prepare` between the files of a dataset, so a test can SIGKILL a process in the middle of a
+    save."""
     delay = os.environ.get("LATENTR3_TEST_SLOW_SAVE")
     if delay:
         import time

@@ -164,7 +164,7 @@ class SASRecRecommender:
 
         from ..data.dataset import save_catalogue_copy
 
-        from ..atomic import atomic_write_bytes, atomic_write_json, write_manifest
+        from ..atomic import atomic_write_bytes, atomic_write_json, fault_injection_pause, write_manifest
 
         # The run directory is the checkpoint (done.json sits beside it), so its files are written one by
         # one atomically and the manifest, written last, marks the checkpoint complete.
@@ -174,6 +174,7 @@ class SASRecRecommender:
                                                       for k, v in self.model.state_dict().items()}))
         atomic_write_json(path / CONFIG_NAME, {**self.meta, **(extra or {}), "item_ids": self.item_ids})
         save_catalogue_copy(path, catalogue)
+        fault_injection_pause()
         write_manifest(path)
 
 

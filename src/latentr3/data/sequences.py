@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from latentr3.atomic import fault_injection_pause
 from latentr3.data.splits import _atomic_write_text, write_catalogue, write_split
 
 __all__ = [
@@ -485,8 +486,10 @@ def write_dataset(
         for name, part in parts.items():
             positions = part.tolist()
             write_split(out / f"{name}.csv", _Rows(positions, render, bar))
+            fault_injection_pause()  # the kill tests: a dataset half written (stats.json absent)
     final_titles = [titles[i] for i in kept_items]
     write_catalogue(out / CATALOGUE_NAME, [new_id[i] for i in kept_items], final_titles)
+    fault_injection_pause()
 
     title_count = Counter(final_titles)
     shared = {title: c for title, c in title_count.items() if c > 1}

@@ -98,6 +98,13 @@ class RunState:
     def save(self, accelerator) -> None:
         """Writes to a temporary directory, then swaps it in: a kill mid-save keeps the previous state."""
         tmp = self.path.with_name("state.tmp")
+        old = self.path.with_name("state.old")
+        if accelerator.is_main_process:
+            # left by a save that was killed: stale files in state.tmp would enter the new manifest, and a
+            # state.old that is not empty makes the rename below fail (ENOTEMPTY) at every later save
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.path.exists():
+                shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # every rank has written its part (RNG states) before the swap
@@ -107,7 +114,6 @@ class RunState:
             (tmp / "run_state.json").write_text(json.dumps(self.to_dict()))
             fault_injection_pause()
             write_manifest(tmp)  # last: a state without it is incomplete and never loaded
-            old = self.path.with_name("state.old")
             if self.path.exists():
                 self.path.rename(old)
             tmp.rename(self.path)
