@@ -402,3 +402,16 @@ def test_trim_vocab_drops_unused_rows(tok, titles, tmp_path):
                       trim_vocab=True)
     m, t = build_model(cfg, titles, "movies")
     assert m.backbone.get_input_embeddings().num_embeddings == len(t)
+
+
+def test_shown_prompt_is_what_the_model_gets_and_says_what_was_dropped(tok, titles):
+    full = PromptBuilder(tok, "short", "movies", 512, 1)
+    hist = titles[:8]
+    assert full.shown_prompt(hist) == full.prompt_text(hist)          # nothing dropped: no note
+    short = PromptBuilder(tok, "short", "movies", len(full.prompt_ids(hist)) // 2, 1)
+    kept = short.kept_titles(hist)
+    assert 0 < len(kept) < len(hist)
+    text = short.shown_prompt(hist)
+    assert text.startswith(short.prompt_text(kept) + "\n")
+    assert f"the oldest {len(hist) - len(kept)} of {len(hist)} history titles are dropped" in text
+    assert hist[0] not in text.split("\n(")[0]

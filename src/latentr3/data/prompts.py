@@ -139,6 +139,17 @@ class PromptBuilder:
         """Token ids of the prompt; the oldest history titles are dropped until it fits `budget`."""
         return self._fit(history_titles)[1]
 
+    def shown_prompt(self, history_titles: list[str]) -> str:
+        """The prompt text the model is given for this history (after truncation), and what was dropped:
+        printed for the first training row at the start of a run."""
+        kept = self.kept_titles(history_titles)
+        text = self.prompt_text(kept)
+        dropped = len(history_titles) - len(kept)
+        if dropped:
+            text += (f"\n(the oldest {dropped} of {len(history_titles)} history titles are dropped to fit "
+                     f"prompt.cutoff_len={self.cutoff_len})")
+        return text
+
     def kept_titles(self, history_titles: list[str]) -> list[str]:
         """The history titles `prompt_ids` keeps (the oldest are dropped to fit `budget`)."""
         return self._fit(history_titles)[0]

@@ -396,7 +396,7 @@ def train_grpo(cfg: Config) -> Path:
     if accelerator.is_main_process:
         warn_long_warmup("grpo", g.warmup_steps, total_steps * g.num_iterations)
         accelerator.print(f"prompt of the first training row ({cfg.data.train_split} line {train_rows[0].line}):\n"
-                          f"{builder.prompt_text(train_rows[0].history_titles)}")
+                          f"{builder.shown_prompt(train_rows[0].history_titles)}")
 
     # --- optimisation
     params = [p for p in model.parameters() if p.requires_grad]

@@ -98,7 +98,7 @@ def train_sft(cfg: Config) -> Path:
                             cfg.model.num_latent)
     if train_rows:
         accelerator.print(f"prompt of the first training row ({cfg.data.train_split} line {train_rows[0].line}):\n"
-                          f"{builder.prompt_text(train_rows[0].history_titles)}")
+                          f"{builder.shown_prompt(train_rows[0].history_titles)}")
     meta = {"backbone": cfg.model.backbone, "item_noun": noun,
             "template": cfg.prompt.template, "cutoff_len": cfg.prompt.cutoff_len}
 
