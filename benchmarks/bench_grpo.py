@@ -4,9 +4,12 @@ Run (jemalloc for stable timings; `apt-get install -y libjemalloc2`):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python benchmarks/bench_grpo.py --threads 1 --rounds 5
 
-(--threads 1 keeps timings stable on a shared machine.)  Measured on the 2-core CPU dev box under load:
-reference 13.6 s/step (9.4 samples/s); ours 1.58 s (81 samples/s, 8.6x) with prefix_cache=keep and
-1.50 s (85 samples/s, 9.0x) with recompute; keep and recompute are within noise at this size.
+(--threads 1 keeps timings stable on a shared machine.)  Measured on the 2-core CPU dev box, 1 thread,
+2 prompts x 8 samples (`--prompts 2 --micro 2`), while a 2-thread training run shared the machine, four
+rounds alternating with the tree before the grouped step (7f0ee66), median samples/s: the step as it was
+when issue 15 was filed (two passes, keep) 117, the previous single pass 155, the current default 247
+(2.1x and 1.6x).  At 32 prompts (`--prompts 32 --micro 8`, one run each): 139, 192 and 278 (2.0x,
+1.45x; without the shared instruction 224).  The reference-style step: 11-14 samples/s.
 
 Options: --prompts 16 --micro 4 --generations 8 --history 10 --rounds 3 --threads 0 (0 = torch default)
 --device cpu|cuda --hidden 128 --layers 2, --profile (torch profiler table of our step).
@@ -18,6 +21,10 @@ its KV cache with the G samples, and runs only latent + target tokens per sample
 (grpo.single_pass, num_iterations 1) the rollout's target pass keeps its graph and is the loss pass, the
 two-pass variants run it again for the loss.  Both are full
 optimizer steps on the same batch and noise; the variants are interleaved round by round.
+
+Variants: "single pass (default)" is what `train_grpo` runs (grpo.single_pass, grpo.share_prompt_prefix:
+the instruction prefilled once per run, the G samples as one set of queries over each prompt's KV);
+"no shared" prefills whole prompts every step.
 
 `reference_loss` is also the executable specification the tests compare our loss and gradients to.
 """
