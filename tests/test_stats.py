@@ -123,3 +123,18 @@ def test_evidence_table_with_seeds_and_reference():
     assert sentence.startswith("model vs pop") and "significantly higher" in sentence
     with pytest.raises(ValueError, match="reference row"):
         build_evidence(rows, target_ids, bins, "nope", [1, 10])
+
+
+def test_sentences_call_a_difference_significant_only_when_interval_and_test_agree():
+    def ev(lo, hi, p):
+        return {"k": 10, "reference": "ref", "level": 0.95,
+                "rows": {"ref": {}, "m": {"paired": {"item/NDCG@10": {"diff": (lo + hi) / 2, "lo": lo, "hi": hi,
+                                                                      "p": p}}}}}
+    assert "significantly higher at the 95 % level" in significance_sentences(ev(0.001, 0.008, 0.01))[0]
+    assert "significantly lower" in significance_sentences(ev(-0.008, -0.001, 0.001))[0]
+    # the case seen on a SmolLM2 run: interval [+0.0006, +0.0083] but p = 0.055
+    s = significance_sentences(ev(0.0006, 0.0083, 0.0549))[0]
+    assert "borderline, not established" in s and "excludes 0" in s and "significantly higher" not in s
+    s = significance_sentences(ev(-0.001, 0.008, 0.03))[0]
+    assert "borderline" in s and "includes 0" in s
+    assert "not significantly different" in significance_sentences(ev(-0.002, 0.004, 0.4))[0]

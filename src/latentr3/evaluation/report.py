@@ -226,14 +226,23 @@ def render_lists(ev: dict) -> str:
 def significance_sentences(ev: dict) -> list[str]:
     """One plain sentence per paired comparison (item-level NDCG@K), for reports and the README."""
     k, ref = ev["k"], ev["reference"]
+    level = ev.get("level", 0.95)
+    alpha, pct = 1 - level, f"{100 * level:g} %"
     out = []
     for name, row in ev["rows"].items():
         if "paired" not in row:
             continue
         p = row["paired"][f"item/NDCG@{k}"]
-        apart = p["lo"] > 0 or p["hi"] < 0
-        verdict = ("significantly higher" if p["diff"] > 0 else "significantly lower") if apart else \
-            "not significantly different"
+        apart, tested = p["lo"] > 0 or p["hi"] < 0, p["p"] < alpha
+        # The paired-bootstrap interval and the randomization test can disagree near the boundary; only
+        # their agreement is called a significant difference.
+        if apart and tested:
+            verdict = f"significantly {'higher' if p['diff'] > 0 else 'lower'} at the {pct} level"
+        elif apart or tested:
+            verdict = (f"borderline, not established: the {pct} interval {'excludes' if apart else 'includes'} 0 "
+                       f"but the randomization test gives p {'>=' if apart else '<'} {alpha:g}")
+        else:
+            verdict = f"not significantly different at the {pct} level"
         out.append(f"{name} vs {ref}: item NDCG@{k} {p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}], "
-                   f"{_p(p['p'])}: {verdict} at the 95 % level.")
+                   f"{_p(p['p'])}: {verdict}.")
     return out
