@@ -120,16 +120,16 @@ def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tenso
     own = (seq[:, None] // S == seq[None, :] // S) & (seq[None, :] <= seq[:, None])          # (GS, GS)
     allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(P, G * S, -1),
                          own.expand(P, -1, -1)], dim=-1)[:, None]                          # (P, 1, GS, Lp+GS)
-    dtype = embeds.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    # additive, in the tokens' dtype (the prompt KV, the queries and the new KV all share it)
+    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
 
     def attend(i, q, k, v):
         pk, pv = prompt_kv[i]
         per_prompt = lambda t: t.view(P, G * S, t.shape[1], t.shape[2]).transpose(1, 2)  # noqa: E731
-        keys = torch.cat([pk.to(k.dtype), per_prompt(k)], dim=2)
-        values = torch.cat([pv.to(v.dtype), per_prompt(v)], dim=2)
+        keys = torch.cat([pk, per_prompt(k)], dim=2)
+        values = torch.cat([pv, per_prompt(v)], dim=2)
         qh = per_prompt(q)
-        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask.to(qh.dtype), scale=family.scaling,
+        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=family.scaling,
                                              enable_gqa=qh.shape[1] != keys.shape[1])
         return out.transpose(1, 2).reshape(P * G * S, -1)
 
