@@ -52,6 +52,25 @@ def is_sasrec_checkpoint(path: str | Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- model
+class _Dropout(nn.Dropout):
+    """nn.Dropout whose CPU mask comes from 16 random bits per element (p rounded to a multiple of 2**-16).
+
+    Written by hand because torch's CPU dropout draws one Bernoulli sample at a time: in a profile of the
+    demo's SASRec step (batch 128, 11 positions, hidden 64) its `bernoulli_` was 34 % of the step, and
+    this mask costs about a fifth of it (one `randint` of 64-bit words, viewed as 16-bit lanes).  The mask
+    is the same distribution up to that rounding (keep with probability 1 - p, kept values scaled by
+    1 / (1 - p)); on other devices F.dropout (fused there) is used.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.p >= 1:
+            return super().forward(x)
+        n = x.numel()
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        keep = words.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class _Block(nn.Module):
     """Pre-LN causal self-attention + feed-forward (the SASRec block, with GELU)."""
 
@@ -62,9 +81,9 @@ class _Block(nn.Module):
         self.heads, self.dropout = heads, dropout
         self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.ff = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+        self.ff = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), _Dropout(dropout),
                                 nn.Linear(hidden, hidden))
-        self.drop = nn.Dropout(dropout)
+        self.drop = _Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, L, H = x.shape
@@ -86,7 +105,7 @@ class SASRec(nn.Module):
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.blocks = nn.ModuleList(_Block(hidden, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
-        self.drop = nn.Dropout(dropout)
+        self.drop = _Dropout(dropout)
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         with torch.no_grad():
@@ -255,7 +274,9 @@ def train_sasrec(cfg: Config) -> Path:
     model = SASRec(len(catalogue.ids), s.hidden, s.layers, s.heads, s.max_len, s.dropout).to(device)
     rec = SASRecRecommender(model, catalogue.ids, {"model": {k: getattr(s, k) for k in _ARCH_KEYS},
                                                    "config": asdict(s)})
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    # fused: one kernel for every parameter (on the demo's CPU step 0.6 ms instead of 2.5 ms of ~30 ms)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
+                           fused=device.type in ("cpu", "cuda"))
     gen = torch.Generator().manual_seed(s.seed)
     best, best_state, bad, history = -1.0, None, 0, []
     t0 = time.time()
