@@ -459,7 +459,12 @@ def test_sweep_picks_by_validation_and_skips_done_points(setup, capsys):
     assert len(scores) == 2 and all(s is not None for s in scores)
     assert scores == sorted(scores, reverse=True)            # best validation NDCG@10 first
     assert out["selected"]["valid_score"] == max(scores)
-    assert "(selected)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(selected)" in printed and "σ√d / ‖r‖" in printed
+    d = load(ckpt)[0].latent_ratt.hidden_size
+    for r in out["rows"]:     # the noise's size against the latent's, from the point's own validation log
+        assert r["latent_norm"] > 0
+        assert r["noise_to_latent"] == pytest.approx(cfg.grpo.noise_std * d ** 0.5 / r["latent_norm"])
     done = Path(out["selected"]["checkpoint"]).parent / "done.json"
     stamp = done.stat().st_mtime_ns
     run_sweep(cfg, grid, "grpo")                              # finished points are not retrained

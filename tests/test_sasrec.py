@@ -122,3 +122,31 @@ def test_cli_baseline_sasrec(tmp_path):
     rc = main(["baseline", "sasrec", f"data.dir={d}", f"sasrec.output_dir={tmp_path / 's'}", "sasrec.epochs=1",
                "sasrec.hidden=8", "sasrec.device=cpu"])
     assert rc == 0 and is_sasrec_checkpoint(tmp_path / "s")
+
+
+def test_cpu_dropout_mask_is_bernoulli_and_scaled():
+    """The bit-drawn CPU dropout keeps each value with probability 1 - p and scales it by 1 / (1 - p)."""
+    from latentr3.baselines.sasrec import _Dropout
+
+    n = 400_000
+    for p in (0.2, 0.5, 0.9):
+        drop = _Dropout(p).train()
+        torch.manual_seed(0)
+        y = drop(torch.ones(n))
+        kept = y != 0
+        share = float(kept.float().mean())
+        assert abs(share - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5, (p, share)   # within 4 standard errors
+        assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+        # neighbouring elements are independent (the lanes of one random word)
+        both = float((kept[:-1] & kept[1:]).float().mean())
+        assert abs(both - (1 - p) ** 2) < 0.01, (p, both)
+        torch.manual_seed(0)
+        assert torch.equal(drop(torch.ones(n)), y)                                # seeded: reproducible
+        x = torch.randn(3, 5)
+        assert torch.equal(drop.eval()(x), x)                                    # eval: identity
+    assert torch.equal(_Dropout(0.0).train()(x), x)
+    # the gradient flows through the kept values only, scaled like the values
+    x = torch.ones(1000, requires_grad=True)
+    y = _Dropout(0.5).train()(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())

@@ -37,6 +37,16 @@ def _with(cfg: Config, values: dict) -> Config:
     return _build(Config, tree)
 
 
+def _latent_scale(metrics: Path) -> dict:
+    """‖r‖ and σ·√d / ‖r‖ logged at a GRPO run's best validation (the first one reaching its best NDCG@10)."""
+    evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"valid_ndcg10"' in line] \
+        if metrics.is_file() else []
+    if not evals:
+        return {}
+    best = max(evals, key=lambda e: e["valid_ndcg10"])
+    return {"latent_norm": best.get("valid_latent_norm"), "noise_to_latent": best.get("valid_noise_to_latent")}
+
+
 def run_sweep(cfg: Config, grid: dict[str, list], stage: str = "grpo") -> dict:
     """Runs every grid point of `stage` (grpo | sft) and returns the table, best point first."""
     from ..training.grpo import train_grpo
@@ -52,16 +62,25 @@ def run_sweep(cfg: Config, grid: dict[str, list], stage: str = "grpo") -> dict:
         train(copy.deepcopy(point))
         done = json.loads((root / name / "done.json").read_text())
         score = done.get("best_valid_ndcg10") if stage == "grpo" else done.get("best_valid_loss")
-        rows.append({"point": name, **values, "valid_score": score, "checkpoint": str(root / name / "best")})
+        row = {"point": name, **values, "valid_score": score, "checkpoint": str(root / name / "best")}
+        if stage == "grpo":
+            row.update(_latent_scale(root / name / "metrics.jsonl"))
+        rows.append(row)
     higher_better = stage == "grpo"
     rows.sort(key=lambda r: (r["valid_score"] is None,
                              -(r["valid_score"] or 0) if higher_better else (r["valid_score"] or 0)))
     metric = "validation NDCG@10" if higher_better else "validation loss"
-    lines = [f"| point | {metric} | checkpoint |", "|---|---:|---|"]
+    # GRPO: the noise's size against the latent's (σ·√d / ‖r‖ at the selected validation), the scale on
+    # which a noise_std carries over between backbones of different widths
+    scale = stage == "grpo"
+    lines = [f"| point | {metric} |" + (" ‖r‖ | σ√d / ‖r‖ |" if scale else "") + " checkpoint |",
+             "|---|---:|" + ("---:|---:|" if scale else "") + "---|"]
     for i, r in enumerate(rows):
         mark = " (selected)" if i == 0 else ""
         score = "-" if r["valid_score"] is None else f"{r['valid_score']:.4f}"
-        lines.append(f"| {r['point']}{mark} | {score} | {r['checkpoint']} |")
+        extra = "".join(" - |" if r.get(k) is None else f" {r[k]:.2f} |" for k in ("latent_norm", "noise_to_latent")) \
+            if scale else ""
+        lines.append(f"| {r['point']}{mark} | {score} |{extra} {r['checkpoint']} |")
     table = "\n".join(lines)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "sweep.json", rows)
