@@ -132,6 +132,7 @@ def main(argv=None):
     from latentr3.model.backbones import add_latent_token, tiny_qwen2, tiny_tokenizer_corpus, train_tiny_tokenizer
     from latentr3.model.latent_lm import LatentR3Model
     from latentr3.training import grpo
+    from latentr3.training.common import adamw
 
     rng = random.Random(0)
     titles = _words(rng, 3000)
@@ -163,7 +164,7 @@ def main(argv=None):
     G = args.generations
     g = GRPOConfig(num_generations=G, noise_std=1.5, batch_size=args.prompts, micro_batch_size=args.micro)
     noise = grpo.draw_noise(0, 0, args.prompts, G, 1, args.hidden, g.noise_std).to(args.device)
-    opt = torch.optim.AdamW(model.latent_ratt.parameters(), lr=1e-6)
+    opt = adamw(model.latent_ratt.parameters(), 1e-6, 0.0)   # the optimizer train_grpo builds
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     lp = [len(e.prompt) for e in ex]
     lt = [len(e.target) for e in ex]
@@ -198,7 +199,10 @@ def main(argv=None):
             for _ in range(20):
                 variants["ours, single pass (default)"]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
+        print("\nby input shape (self CPU ms per step, calls per step, shapes):")
+        rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:20]
+        for e in rows:
+            print(f"  {e.self_cpu_time_total / 20e3:7.2f} ms {e.count / 20:5.1f}x  {e.key:40.40s} {e.input_shapes}")
         return
     times = {k: [] for k in variants}
     for fn in variants.values():  # warm-up

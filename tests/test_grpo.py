@@ -533,3 +533,20 @@ def test_shared_instruction_prefill_gives_the_same_step(setup, single_pass):
     examples = tokenize_samples(read_split(data / "train.csv")[:2], builder)
     odd = [examples[0], grpo.Example(examples[1].prompt[1:], examples[1].target, 1)]
     assert grpo.share_template_prefix(model, builder.template_prefix(), odd) == (None, odd)
+
+
+def test_prompt_pass_without_lm_head_keeps_kv_and_hidden(setup):
+    """GRPO's prompt pass skips the LM head where the grouped path runs: the same hidden states and KV
+    as the full prefill, no last logits, and the same sample log-probs."""
+    _, data, ckpt = setup
+    model, tok, builder = load(ckpt)
+    batch = a_batch(data, builder, tok, n=3)
+    full = model.prefill(batch["prompt_ids"], batch["prompt_mask"])
+    lean = LR.prompt_pass(model, batch)
+    assert LR.grouped_applies(model) and lean.last_logits is None and full.last_logits is not None
+    assert torch.equal(lean.hidden, full.hidden)
+    for a, b in zip(lean.cache.layers, full.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    noise = noise_for(model, 3, 4).reshape(12, 1, -1)
+    torch.testing.assert_close(LR.sample_logprobs(model, lean, 4, noise, batch["target_ids"]),
+                               LR.sample_logprobs(model, full, 4, noise, batch["target_ids"]))

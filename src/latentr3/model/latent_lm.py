@@ -138,7 +138,7 @@ class Prefix:
     attention_mask: torch.Tensor  # (B, L) 1 for real positions so far
     hidden: torch.Tensor | None   # (B, L, D) final-layer hidden states of those positions
     positions: torch.Tensor       # (B, L) position ids given to those positions
-    last_logits: torch.Tensor     # (B, V) logits at the last position: the first target token's scores
+    last_logits: torch.Tensor | None  # (B, V) logits at the last position: the first target token's scores
     latents: torch.Tensor | None = None  # (B, N, D) latent thoughts, after `think`
 
     @property
@@ -217,29 +217,35 @@ class LatentR3Model(nn.Module):
         return out.logits, (out.hidden_states[-1] if hidden else None), cache
 
     # ------------------------------------------------------------------ single pass
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, shared: Prefix | None = None) -> Prefix:
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, shared: Prefix | None = None,
+                last_logits: bool = True) -> Prefix:
         """Runs the (left-padded) prompts once; logits only at the last position.
 
         `shared`: the prefill of one row of tokens that every prompt starts with (e.g. the template's
         instruction); `prompt_ids` then hold only what follows it.  Its KV and hidden states are reused
         for every row instead of being recomputed (its KV is copied: `think` extends the cache).
+        `last_logits=False`: no LM head at all (the Prefix's last_logits is then None), for callers whose
+        first scored token comes after a latent (GRPO's grouped samples).
         """
         from transformers import DynamicCache
 
         embeds = self.backbone.get_input_embeddings()(prompt_ids)
+        # an empty index tensor: the LM head runs on no position (an int 0 would mean every position)
+        keep = 1 if last_logits else torch.empty(0, dtype=torch.long, device=embeds.device)
+        last = (lambda lg: lg[:, -1]) if last_logits else (lambda lg: None)  # noqa: E731
         if shared is None:
             positions = positions_from_mask(prompt_mask)
-            logits, hidden, cache = self._run(embeds, prompt_mask, positions, DynamicCache(), logits_to_keep=1)
-            return Prefix(cache, prompt_mask, hidden, positions, logits[:, -1])
+            logits, hidden, cache = self._run(embeds, prompt_mask, positions, DynamicCache(), logits_to_keep=keep)
+            return Prefix(cache, prompt_mask, hidden, positions, last(logits))
         B = prompt_ids.shape[0]
         cache = DynamicCache()
         for i, layer in enumerate(shared.cache.layers):
             cache.update(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1), i)
         positions = positions_from_mask(prompt_mask) + shared.next_position[:, None]
         mask = torch.cat([shared.attention_mask.expand(B, -1), prompt_mask], 1)
-        logits, hidden, cache = self._run(embeds, mask, positions, cache, logits_to_keep=1)
+        logits, hidden, cache = self._run(embeds, mask, positions, cache, logits_to_keep=keep)
         return Prefix(cache, mask, torch.cat([shared.hidden.expand(B, -1, -1), hidden], 1),
-                      torch.cat([shared.positions.expand(B, -1), positions], 1), logits[:, -1])
+                      torch.cat([shared.positions.expand(B, -1), positions], 1), last(logits))
 
     def compute_latent(self, prefix: Prefix) -> torch.Tensor:
         """The next latent from everything in `prefix` (query = its last position). fp32 (B, D)."""

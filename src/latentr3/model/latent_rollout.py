@@ -94,9 +94,16 @@ def _prompt_kv(prefix: Prefix) -> list[tuple[torch.Tensor, torch.Tensor]] | None
     return [(l.keys, l.values) for l in layers]  # noqa: E741
 
 
-def grouped_applies(model: LatentR3Model, prefix: Prefix) -> bool:
-    """Whether `sample_logprobs` can run the grouped path on this model and prompt pass."""
-    return model.num_latent == 1 and _family(model) is not None and _prompt_kv(prefix) is not None
+def grouped_applies(model: LatentR3Model, prefix: Prefix | None = None) -> bool:
+    """Whether `sample_logprobs` can run the grouped path on this model and prompt pass (None: on a
+    prompt pass of `model.prefill`, whose cache is layered)."""
+    return model.num_latent == 1 and _family(model) is not None and (prefix is None or _prompt_kv(prefix) is not None)
+
+
+def prompt_pass(model: LatentR3Model, batch: dict, shared: Prefix | None = None) -> Prefix:
+    """The prompts' prefill for `sample_logprobs`: without the LM head where the grouped path will run
+    (the latent's own logits score the first target token there)."""
+    return model.prefill(batch["prompt_ids"], batch["prompt_mask"], shared, last_logits=not grouped_applies(model))
 
 
 def sample_logprobs(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.Tensor,

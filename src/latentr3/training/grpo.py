@@ -52,12 +52,12 @@ from ..atomic import atomic_write_json
 from ..config import Config, GRPOConfig
 from ..data.dataset import Example
 from ..model.latent_lm import LatentR3Model, Prefix
-from ..model.latent_rollout import draw_noise, fork_prefix, perplexity_reward, sample_logprobs
+from ..model.latent_rollout import draw_noise, fork_prefix, perplexity_reward, prompt_pass, sample_logprobs
 from ..evaluation.diagnostics import DIAGNOSTICS_LOGGED, diagnose_records
 from ..evaluation.evaluate import build_trie, evaluate_samples, output_vocab_size
 from .advantages import (ADVANTAGE_RULES, ADVANTAGE_SCOPES, compute_advantages, item_frequencies,
                          popularity_groups, popularity_scores, popularity_thresholds)
-from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
+from .common import (EpochShuffleSampler, MetricsLog, RunState, adamw, already_done, build_scheduler,
                      make_accelerator, warn_long_warmup)
 
 NDCG_KEY = "legacy/NDCG@10"
@@ -88,7 +88,7 @@ def rollout(model: LatentR3Model, batch: dict, noise: torch.Tensor, G: int, keep
     batch starts with (the batch's prompt_ids then hold what follows it; see `model.prefill`).
     """
     noise = noise.reshape(-1, *noise.shape[-2:]).to(model.device)
-    prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"], shared)
+    prefix = prompt_pass(model, batch, shared)
     tmask = batch["target_mask"].repeat_interleave(G, dim=0)
     logp = sample_logprobs(model, fork_prefix(prefix), G, noise, batch["target_ids"])
     ref = None
@@ -107,7 +107,7 @@ def rollout_with_graph(model: LatentR3Model, batch: dict, noise: torch.Tensor, G
     recomputes them.  The prompt pass stays under no_grad (the backbone is frozen)."""
     noise = noise.reshape(-1, *noise.shape[-2:]).to(model.device)
     with torch.no_grad():
-        prefix = model.prefill(batch["prompt_ids"], batch["prompt_mask"], shared)
+        prefix = prompt_pass(model, batch, shared)
     tmask = batch["target_mask"].repeat_interleave(G, dim=0)
     logp = sample_logprobs(model, prefix, G, noise, batch["target_ids"])
     old = logp.detach()
@@ -400,7 +400,7 @@ def train_grpo(cfg: Config) -> Path:
 
     # --- optimisation
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=g.lr, weight_decay=g.weight_decay)
+    optimizer = adamw(params, g.lr, g.weight_decay)
     updates = total_steps * g.num_iterations
     # A prepared scheduler steps once per process per update (as in SFT): lay it out in process-steps.
     scheduler = build_scheduler(optimizer, g.scheduler, g.warmup_steps * world, updates * world)

@@ -21,7 +21,7 @@ from ..data.dataset import (collate, item_noun, load_catalogue, subsample, token
                             train_and_valid)
 from ..data.prompts import PromptBuilder
 from ..model.build import build_model
-from .common import (EpochShuffleSampler, MetricsLog, RunState, already_done, build_scheduler,
+from .common import (EpochShuffleSampler, MetricsLog, RunState, adamw, already_done, build_scheduler,
                      make_accelerator, warn_long_warmup)
 
 
@@ -122,8 +122,7 @@ def train_sft(cfg: Config) -> Path:
     total_steps = s.max_steps or steps_per_epoch * s.epochs
     if accelerator.is_main_process:
         warn_long_warmup("sft", s.warmup_steps, total_steps)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
-                                  weight_decay=s.weight_decay)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], s.lr, s.weight_decay)
     # accelerate steps a prepared scheduler once per process per optimizer step, so the schedule is
     # laid out in process-steps.
     world = accelerator.num_processes
