@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
+import traceback
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from latentr3.model import latent_rollout as LR
 from latentr3.model.latent_lm import LatentR3Model
 from latentr3.training import advantages as A
 from latentr3.training import grpo
+from latentr3.training.common import adamw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -550,3 +552,28 @@ def test_prompt_pass_without_lm_head_keeps_kv_and_hidden(setup):
     noise = noise_for(model, 3, 4).reshape(12, 1, -1)
     torch.testing.assert_close(LR.sample_logprobs(model, lean, 4, noise, batch["target_ids"]),
                                LR.sample_logprobs(model, full, 4, noise, batch["target_ids"]))
+
+
+def test_grpo_step_reads_back_from_the_device_once(setup, monkeypatch):
+    """The step's statistics are read back in one transfer (on a GPU every .item() / float() of a tensor
+    stalls the host until the device is idle); the numbers are those of the rewards and advantages."""
+    _, data, ckpt = setup
+    model, tok, builder = load(ckpt)
+    batch = a_batch(data, builder, tok, n=4)
+    g = GRPOConfig(num_generations=4, noise_std=0.5, lr=1e-3, batch_size=4, micro_batch_size=2)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], 1e-3, 0.0)   # as train_grpo (fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    noise = grpo.draw_noise(1, 0, 4, 4, 1, model.latent_ratt.hidden_size, g.noise_std)
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: (reads.append(
+            (_n, traceback.extract_stack(limit=2)[0][:2])), _o(self, *a, **k))[1])
+    st = grpo.grpo_step(model, opt, sched, _split(batch, 2), noise, g, _OneProcess())
+    monkeypatch.undo()
+    ours = [(n, f, line) for n, (f, line) in reads if "/latentr3/" in f]
+    assert [n for n, *_ in ours] == ["tolist"], ours   # transformers' own mask code reads the padding
+    r, a = st["rewards"].double(), st["advantages"].double()
+    assert st["reward_mean"] == pytest.approx(float(r.mean())) and st["adv_max"] == pytest.approx(float(a.max()))
+    assert st["reward_noise_free"] == pytest.approx(float(r[:, 0].mean())) and 0 <= st["clip_fraction"] <= 1
+    assert st["grad_norm"] > 0 and "kl" not in st

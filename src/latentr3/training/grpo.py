@@ -141,11 +141,11 @@ def policy_loss(model: LatentR3Model, ro: Rollout, G: int, clip_low: float, clip
         per_token = per_token + beta * (torch.exp(d) - d - 1.0)
     ntok = mask.sum(-1).clamp(min=1)
     loss = ((per_token * mask).sum(-1) / ntok).mean()
-    with torch.no_grad():
+    with torch.no_grad():   # 0-dim tensors: read back once per step, by grpo_step (no sync here)
         is_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
-        stats = {"clipped_tokens": float((is_clipped * mask).sum()), "tokens": float(mask.sum())}
+        stats = {"clipped_tokens": (is_clipped * mask).sum(), "tokens": mask.sum()}
         if beta:
-            stats["kl"] = float((((torch.exp(d) - d - 1) * mask).sum(-1) / ntok).sum())
+            stats["kl"] = (((torch.exp(d) - d - 1) * mask).sum(-1) / ntok).sum()
     return loss, stats
 
 
@@ -248,40 +248,38 @@ def grpo_step(model: LatentR3Model, optimizer, scheduler, micro_batches: list[di
         P = ro.rewards.shape[0]
         ro.advantages = local_adv[k:k + P].reshape(-1)
         k += P
-    # --- policy updates
+    # --- policy updates (the statistics stay on the device: one read back for the whole step, below)
     n_micro = len(rollouts)
-    losses, clipped, tokens, kl, grad_norms = [], 0.0, 0.0, 0.0, []
+    losses, clipped, tokens, kl = [], 0.0, 0.0, 0.0
     for _ in range(g.num_iterations):
         for ro in rollouts:
             loss, st = policy_loss(model, ro, G, g.clip_eps_low, g.clip_eps_high, g.beta, train_backbone,
                                    shared)
             (loss / n_micro).backward()
-            losses.append(loss.item())
-            clipped += st["clipped_tokens"]
-            tokens += st["tokens"]
-            kl += st.get("kl", 0.0)
+            losses.append(loss.detach())
+            clipped = clipped + st["clipped_tokens"]
+            tokens = tokens + st["tokens"]
+            kl = kl + st.get("kl", 0.0)
         _all_reduce_mean_grads(params, accelerator)
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    totals = torch.tensor([sum(losses) / len(losses), clipped, tokens, kl], dtype=torch.float64,
-                          device=local_rewards.device)
+    dev = local_rewards.device
+    f64 = lambda x: torch.as_tensor(x, device=dev).to(torch.float64).reshape(())  # noqa: E731
+    totals = torch.stack([torch.stack(losses).double().mean(), f64(clipped), f64(tokens), f64(kl)])
     totals = accelerator.reduce(totals, reduction="sum")
-    nf = rewards[:, 0]
-    stats = {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-        "reward_noise_free": float(nf.mean()),
-        "adv_mean": float(adv.mean()), "adv_std": float(adv.std(unbiased=False)),
-        "adv_min": float(adv.min()), "adv_max": float(adv.max()),
-        "adv_zero_share": float((adv.abs() < 1e-8).float().mean()),
-        "loss": float(totals[0]) / accelerator.num_processes,
-        "clip_fraction": float(totals[1] / totals[2].clamp(min=1)),
-        "grad_norm": grad_norms[-1], "lr": scheduler.get_last_lr()[0],
-        "rewards": rewards.detach().cpu(), "advantages": adv.detach().cpu(),
-    }
-    if g.beta:
-        stats["kl"] = float(totals[3]) / (rewards.numel() * g.num_iterations)
+    r, a = rewards.double(), adv.double()
+    names = ("reward_mean", "reward_std", "reward_noise_free", "adv_mean", "adv_std", "adv_min", "adv_max",
+             "adv_zero_share", "loss", "clip_fraction", "grad_norm", "kl")
+    values = torch.stack([r.mean(), r.std(unbiased=False), r[:, 0].mean(), a.mean(), a.std(unbiased=False),
+                          a.min(), a.max(), (a.abs() < 1e-8).double().mean(), totals[0] / accelerator.num_processes,
+                          totals[1] / totals[2].clamp(min=1), f64(grad_norm),
+                          totals[3] / (rewards.numel() * g.num_iterations)]).tolist()
+    stats = dict(zip(names, values))
+    if not g.beta:
+        del stats["kl"]
+    stats.update(lr=scheduler.get_last_lr()[0], rewards=rewards.detach().cpu(), advantages=adv.detach().cpu())
     return stats
 
 

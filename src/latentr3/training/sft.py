@@ -171,14 +171,15 @@ def train_sft(cfg: Config) -> Path:
                 scheduler.step()
                 optimizer.zero_grad()
             state.batches_in_epoch += 1
-            running.append(loss.item())
+            running.append(loss.detach())   # read back only at a log step: no per-step device sync
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(running) / len(running):.4f}")
             if state.step % s.log_steps == 0 or state.step == 1:
-                log.write(step=state.step, epoch=state.epoch, loss=sum(running) / len(running),
+                step_loss = float(torch.stack(running).mean())
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+                log.write(step=state.step, epoch=state.epoch, loss=step_loss,
                           lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                           elapsed=state.elapsed + time.time() - start)
             running = []
