@@ -4,12 +4,15 @@ Run (jemalloc for stable timings; `apt-get install -y libjemalloc2`):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python benchmarks/bench_grpo.py --threads 1 --rounds 5
 
-(--threads 1 keeps timings stable on a shared machine.)  Measured on the 2-core CPU dev box, 1 thread,
-2 prompts x 8 samples (`--prompts 2 --micro 2`), while a 2-thread training run shared the machine, four
-rounds alternating with the tree before the grouped step (7f0ee66), median samples/s: the step as it was
-when issue 15 was filed (two passes, keep) 117, the previous single pass 155, the current default 247
-(2.1x and 1.6x).  At 32 prompts (`--prompts 32 --micro 8`, one run each): 139, 192 and 278 (2.0x,
-1.45x; without the shared instruction 224).  The reference-style step: 11-14 samples/s.
+(--threads 1 keeps timings stable on a shared machine.)  Measured on the quiet 2-core CPU dev box, 1 thread,
+jemalloc, 2 prompts x 8 samples (`--prompts 2 --micro 2 --rounds 8`), three runs each alternating with
+the tree before the grouped step (7f0ee66), whose "two passes, keep" variant is the step as it was when
+issue 15 was filed: that one 158 / 191 / 212 samples/s, the current default 446 / 486 / 450 (2.4x by
+medians, 2.1-2.8x by pair; without jemalloc both are slower and noisier, 1.9-2.1x).  Earlier, with a
+2-thread training run beside it, at 32 prompts (`--prompts 32 --micro 8`): 139 as filed, 278 then.
+The reference-style step: 16 samples/s.  `--profile` (20 steps, by operator and by input shape): at
+2 prompts the step is ~36 ms of small GEMMs (LM head 144 x 4097 forward and backward ~10 ms with its
+log-softmax), the prompt prefill ~9 ms and the autograd backward ~17 ms; per-step Python is a few ms.
 
 Options: --prompts 16 --micro 4 --generations 8 --history 10 --rounds 3 --threads 0 (0 = torch default)
 --device cpu|cuda --hidden 128 --layers 2, --profile (torch profiler table of 20 steps of ours).
