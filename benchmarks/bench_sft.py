@@ -156,13 +156,14 @@ def main(argv=None):
 
     from latentr3.config import ModelConfig
     from latentr3.model.build import build_model
+    from latentr3.training.common import adamw
 
     cfg, cat, rows = load_rows(args.data)
     mcfg = ModelConfig(backbone=args.backbone, tiny_hidden=128, tiny_layers=2, tiny_heads=4, tiny_vocab=4096,
                        num_latent=args.num_latent, lora=args.lora)
     model, tok = build_model(mcfg, cat.titles, cfg.item_noun)
     model.train()
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    optimizer = adamw([q for q in model.parameters() if q.requires_grad], 1e-4, 0.0)   # as train_sft builds it
     n_batches = args.rounds * args.block + args.warmup * 2 + 4
 
     jemalloc = "jemalloc" in os.environ.get("LD_PRELOAD", "")
