@@ -139,6 +139,25 @@ def test_single_pass_equals_two_pass(tok, titles, num_latent):
 
 
 @pytest.mark.parametrize("num_latent", [1, 2])
+def test_forward_runs_the_last_latent_with_the_target(tok, titles, num_latent):
+    """forward's merged pass (last latent + target in one backbone call) equals think + target_logprobs,
+    with noise on the latents, and makes one backbone call fewer."""
+    model = make_model(tok, num_latent)
+    pi, pm, ti, tm = batch(examples(tok, titles, num_latent), tok.pad_token_id)
+    noise = torch.randn(pi.shape[0], num_latent, model.latent_ratt.hidden_size) * 0.5
+    calls = []
+    hook = model.backbone.register_forward_pre_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        merged = model(pi, pm, ti, tm, noise)
+        n_merged = len(calls)
+        calls.clear()
+        separate = model.target_logprobs(model.think(model.prefill(pi, pm), noise), ti) * tm
+    hook.remove()
+    torch.testing.assert_close(merged, separate, rtol=1e-5, atol=2e-5)
+    assert n_merged == len(calls) - 1 == num_latent + 1
+
+
+@pytest.mark.parametrize("num_latent", [1, 2])
 def test_left_padding_matches_rows_alone(tok, titles, num_latent):
     model = make_model(tok, num_latent, seed=3)
     exs = examples(tok, titles, num_latent)

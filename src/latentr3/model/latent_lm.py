@@ -302,9 +302,29 @@ class LatentR3Model(nn.Module):
         return gather_logprobs(logits, target_ids)
 
     def forward(self, prompt_ids, prompt_mask, target_ids, target_mask, noise=None) -> torch.Tensor:
-        """Per-token target log-probs (B, T) of the single-pass model; padding positions are zeroed."""
-        prefix = self.think(self.prefill(prompt_ids, prompt_mask), noise)
-        return self.target_logprobs(prefix, target_ids) * target_mask
+        """Per-token target log-probs (B, T) of the single-pass model; padding positions are zeroed.
+
+        The last latent is run in the same backbone pass as the target (its logits score t_1), so a
+        training step makes one pass for the prompt and one for latent + target (with N latents, N - 1
+        one-token passes before it): `think` + `target_logprobs` would add a one-token pass of every
+        layer, forward and backward (on a GPU some hundreds of kernel launches per step).  The prompt pass
+        then needs no LM head.  Same numbers as `think` + `target_logprobs` up to float rounding.
+        """
+        N = self.num_latent
+        if N == 0:
+            return self.target_logprobs(self.prefill(prompt_ids, prompt_mask), target_ids) * target_mask
+        prefix = self.prefill(prompt_ids, prompt_mask, last_logits=False)
+        for i in range(N):
+            r = self.compute_latent(prefix)
+            if noise is not None:
+                r = r + noise[:, i].to(r.dtype)
+            if i < N - 1:
+                prefix, _ = self.append(prefix, r[:, None, :], logits_to_keep=1)
+        embeds = r[:, None, :].to(self.embed_dtype)
+        if target_ids.shape[1] > 1:
+            embeds = torch.cat([embeds, self.backbone.get_input_embeddings()(target_ids[:, :-1])], dim=1)
+        _, logits = self.append(prefix, embeds, keep_hidden=False)
+        return gather_logprobs(logits, target_ids) * target_mask
 
     # ------------------------------------------------------------------ reference two-pass design
     def two_pass_target_logprobs(self, prompt_ids, prompt_mask, target_ids, target_mask,
