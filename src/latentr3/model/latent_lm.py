@@ -225,7 +225,7 @@ class LatentR3Model(nn.Module):
         instruction); `prompt_ids` then hold only what follows it.  Its KV and hidden states are reused
         for every row instead of being recomputed (its KV is copied: `think` extends the cache).
         `last_logits=False`: no LM head at all (the Prefix's last_logits is then None), for callers whose
-        first scored token comes after a latent (GRPO's grouped samples).
+        first scored token comes after a latent (SFT's latent + target pass, GRPO's grouped samples).
         """
         from transformers import DynamicCache
 
