@@ -232,11 +232,10 @@ class LatentR3Model(nn.Module):
         embeds = self.backbone.get_input_embeddings()(prompt_ids)
         # an empty index tensor: the LM head runs on no position (an int 0 would mean every position)
         keep = 1 if last_logits else torch.empty(0, dtype=torch.long, device=embeds.device)
-        last = (lambda lg: lg[:, -1]) if last_logits else (lambda lg: None)  # noqa: E731
         if shared is None:
             positions = positions_from_mask(prompt_mask)
             logits, hidden, cache = self._run(embeds, prompt_mask, positions, DynamicCache(), logits_to_keep=keep)
-            return Prefix(cache, prompt_mask, hidden, positions, last(logits))
+            return Prefix(cache, prompt_mask, hidden, positions, logits[:, -1] if last_logits else None)
         B = prompt_ids.shape[0]
         cache = DynamicCache()
         for i, layer in enumerate(shared.cache.layers):
@@ -245,7 +244,8 @@ class LatentR3Model(nn.Module):
         mask = torch.cat([shared.attention_mask.expand(B, -1), prompt_mask], 1)
         logits, hidden, cache = self._run(embeds, mask, positions, cache, logits_to_keep=keep)
         return Prefix(cache, mask, torch.cat([shared.hidden.expand(B, -1, -1), hidden], 1),
-                      torch.cat([shared.positions.expand(B, -1), positions], 1), last(logits))
+                      torch.cat([shared.positions.expand(B, -1), positions], 1),
+                      logits[:, -1] if last_logits else None)
 
     def compute_latent(self, prefix: Prefix) -> torch.Tensor:
         """The next latent from everything in `prefix` (query = its last position). fp32 (B, D)."""
@@ -273,10 +273,12 @@ class LatentR3Model(nn.Module):
         new = Prefix(cache, mask, hidden, torch.cat([prefix.positions, pos], 1), logits[:, -1], prefix.latents)
         return new, logits
 
-    def think(self, prefix: Prefix, noise: torch.Tensor | None = None) -> Prefix:
+    def think(self, prefix: Prefix, noise: torch.Tensor | None = None, hold_last: bool = False) -> Prefix:
         """Computes the N latent thoughts and appends them to the cache.
 
         `noise` (B, N, D), when given, is added to each latent before it is fed (GRPO rollouts).
+        `hold_last`: the last latent is computed (in `latents`) but not appended, for a caller that runs
+        it in one pass with what follows (`forward`).
         """
         latents = []
         for i in range(self.num_latent):
@@ -284,7 +286,8 @@ class LatentR3Model(nn.Module):
             if noise is not None:
                 r = r + noise[:, i].to(r.dtype)
             latents.append(r)
-            prefix, _ = self.append(prefix, r[:, None, :], logits_to_keep=1)
+            if not (hold_last and i == self.num_latent - 1):
+                prefix, _ = self.append(prefix, r[:, None, :], logits_to_keep=1)
         if latents:
             prefix.latents = torch.stack(latents, 1)
         return prefix
@@ -310,17 +313,10 @@ class LatentR3Model(nn.Module):
         layer, forward and backward (on a GPU some hundreds of kernel launches per step).  The prompt pass
         then needs no LM head.  Same numbers as `think` + `target_logprobs` up to float rounding.
         """
-        N = self.num_latent
-        if N == 0:
+        if self.num_latent == 0:
             return self.target_logprobs(self.prefill(prompt_ids, prompt_mask), target_ids) * target_mask
-        prefix = self.prefill(prompt_ids, prompt_mask, last_logits=False)
-        for i in range(N):
-            r = self.compute_latent(prefix)
-            if noise is not None:
-                r = r + noise[:, i].to(r.dtype)
-            if i < N - 1:
-                prefix, _ = self.append(prefix, r[:, None, :], logits_to_keep=1)
-        embeds = r[:, None, :].to(self.embed_dtype)
+        prefix = self.think(self.prefill(prompt_ids, prompt_mask, last_logits=False), noise, hold_last=True)
+        embeds = prefix.latents[:, -1:].to(self.embed_dtype)
         if target_ids.shape[1] > 1:
             embeds = torch.cat([embeds, self.backbone.get_input_embeddings()(target_ids[:, :-1])], dim=1)
         _, logits = self.append(prefix, embeds, keep_hidden=False)
