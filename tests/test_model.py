@@ -143,6 +143,7 @@ def test_forward_runs_the_last_latent_with_the_target(tok, titles, num_latent):
     """forward's merged pass (last latent + target in one backbone call) equals think + target_logprobs,
     with noise on the latents, and makes one backbone call fewer."""
     model = make_model(tok, num_latent)
+    model.packed = False          # the backbone-forward path (the packed one makes no backbone call)
     pi, pm, ti, tm = batch(examples(tok, titles, num_latent), tok.pad_token_id)
     noise = torch.randn(pi.shape[0], num_latent, model.latent_ratt.hidden_size) * 0.5
     calls = []
@@ -183,6 +184,79 @@ def test_left_padding_matches_rows_alone(tok, titles, num_latent):
             torch.testing.assert_close(lp_i[0], lp[i, :T], rtol=1e-5, atol=2e-5)
         # The latents depend on the row's content (not a constant vector).
         assert not torch.allclose(lat[0], lat[1], atol=1e-3)
+
+
+def _forward_and_grads(model, pi, pm, ti, tm, noise, packed):
+    model.packed = packed
+    model.zero_grad(set_to_none=True)
+    lp = model(pi, pm, ti, tm, noise)
+    weights = torch.linspace(0.5, 2.0, lp.numel()).view_as(lp)   # every token's gradient counts differently
+    (lp * weights).sum().backward()
+    return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _other_backbone(tok, arch: str, num_latent: int) -> LatentR3Model:
+    """A tiny Qwen2 with grouped-query attention, or a tiny Llama (no projection biases)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = copy.deepcopy(tok)
+    torch.manual_seed(11)
+    if arch == "gqa":
+        backbone = tiny_qwen2(len(tok), hidden=HIDDEN, layers=2, heads=4, kv_heads=2, seed=11)
+    else:
+        backbone = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                tie_word_embeddings=False))
+    latent_id = add_latent_token(backbone, tok)
+    return LatentR3Model(backbone, latent_id if num_latent else None, num_latent)
+
+
+@pytest.mark.parametrize("num_latent", [0, 1])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2+lora", "gqa", "llama"])
+def test_packed_forward_equals_the_backbone_forward(tok, titles, num_latent, arch):
+    """The padding-free training pass: same log-probs and the same gradient of every parameter as the
+    backbone's forward, with extra left / right padding, a one-token-shorter prompt, noise on the latent,
+    under LoRA, with grouped-query attention and on Llama; no backbone forward call."""
+    model = (make_model(tok, num_latent, seed=5) if arch.startswith("qwen2") else
+             _other_backbone(tok, arch, num_latent)).train()
+    if arch == "qwen2+lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.backbone = get_peft_model(model.backbone, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                   target_modules=["q_proj", "v_proj", "up_proj"]))
+    exs = examples(tok, titles, num_latent, ks=(1, 4, 8, 2), check=False)
+    pi, pm, ti, tm = batch(exs, tok.pad_token_id, extra_prompt_pad=3, extra_target_pad=2)
+    noise = torch.randn(pi.shape[0], 1, HIDDEN, generator=torch.Generator().manual_seed(0)) if num_latent else None
+    assert model.packed_family() is not None
+    calls = []
+    hook = model.backbone.register_forward_pre_hook(lambda *a: calls.append(1))
+    lp, grads = _forward_and_grads(model, pi, pm, ti, tm, noise, packed=True)
+    assert not calls
+    hook.remove()
+    lp_ref, grads_ref = _forward_and_grads(model, pi, pm, ti, tm, noise, packed=False)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=2e-5)
+    assert (lp[tm == 0] == 0).all() and (lp[tm == 1] < 0).all()
+    assert grads.keys() == grads_ref.keys() and len(grads) > 4
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6 * max(1.0, float(g.abs().max())),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_forward_applies_only_where_it_is_exact(tok):
+    model = make_model(tok, 1).train()
+    assert model.packed_family() is not None
+    model.packed = False
+    assert model.packed_family() is None
+    model.packed = True
+    model.backbone.config.attention_dropout = 0.1       # dropout in training: the backbone's own forward
+    assert model.packed_family() is None
+    assert model.eval().packed_family() is not None      # no dropout at evaluation
+    model.backbone.config.attention_dropout = 0.0
+    assert make_model(tok, 2).packed_family() is None    # several latents: the one-token passes of think
+    next(model.backbone.parameters()).ds_id = 0          # a DeepSpeed ZeRO-3 parameter
+    assert model.packed_family() is None
 
 
 def test_gradients_reach_latent_ratt_and_backbone(tok, titles):

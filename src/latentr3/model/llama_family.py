@@ -83,6 +83,12 @@ class LlamaFamily:
         `attend(i, q, k, v)` gets layer i's rotated queries (L, Hq, Dh), keys and values (L, Hk, Dh) and
         returns the attention output (L, Hq * Dh).
         """
+        return self.lm_head(self.hidden(x, positions, attend))
+
+    def hidden(self, x: torch.Tensor, positions: torch.Tensor,
+               attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The final (normed) hidden states (L, D) that `run` feeds the LM head; what HF returns as
+        `hidden_states[-1]`."""
         L, Dh = x.shape[0], self.head_dim
         cos, sin = self.model.rotary_emb(x, positions[:, None])                               # (L, 1, Dh)
         for i, layer in enumerate(self.layers):
@@ -98,7 +104,7 @@ class LlamaFamily:
             q, k = qk[:, : q.shape[1]], qk[:, q.shape[1]:]
             x = x + attn.o_proj(attend(i, q, k, v).to(x.dtype))
             x = x + layer.mlp(self.norm(layer.post_attention_layernorm, x))
-        return self.lm_head(self.norm(self.model.norm, x))
+        return self.norm(self.model.norm, x)
 
 
 def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -135,3 +141,91 @@ def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tenso
 
     logits = family.run(embeds.reshape(P * G * S, D), positions, attend)
     return logits.view(P, G, S, -1)
+
+
+class PackedRows:
+    """The real positions of a padded (B, S) batch, for running per-token work on them alone.
+
+    Projections, MLP, norms and the LM head cost the same per token whether it is real or padding, so
+    they run on `pack`ed rows (L = real tokens); only the attention needs the (B, S) layout, where it
+    reads the rows `unpack`ed (zeros at padding).  Both directions are differentiable.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.B, self.S = mask.shape
+        self.index = mask.reshape(-1).nonzero().squeeze(1)        # (L,) into the flattened (B * S) layout
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (L, ...)."""
+        return t.reshape(self.B * self.S, *t.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """(L, ...) -> (B, S, ...), zeros at padding."""
+        out = t.new_zeros(self.B * self.S, *t.shape[1:]).index_copy(0, self.index, t)
+        return out.view(self.B, self.S, *t.shape[1:])
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _heads_first(rows: PackedRows, t: torch.Tensor) -> torch.Tensor:
+    """Packed (L, H, Dh) -> (B, H, S, Dh), zeros at padding."""
+    return rows.unpack(t).transpose(1, 2)
+
+
+def packed_prompt_pass(family: LlamaFamily, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+    """The prompt pass of training without the padding: (hidden (B, P, D), per-layer (keys, values)).
+
+    embeds (B, P, D) left-padded prompts, mask (B, P) 1 at real tokens, positions (B, P).  The hidden
+    states are the final normed ones (zeros at padding); keys / values (B, Hk, P, Dh) rotated, as a
+    KV cache holds them (zeros at padding).  A padding query may read itself only (it would otherwise
+    have no key: NaN in the attention, and in its backward), so no padding value reaches a real row.
+    """
+    rows = PackedRows(mask.bool())
+    P, dev = mask.shape[1], mask.device
+    causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+    allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)   # (B, P, P)
+    bias = _additive(allowed[:, None], embeds.dtype)
+    kv = []
+
+    def attend(i, q, k, v):
+        qh, kh, vh = (_heads_first(rows, t) for t in (q, k, v))
+        kv.append((kh, vh))
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=family.scaling,
+                                             enable_gqa=qh.shape[1] != kh.shape[1])
+        return rows.pack(out.transpose(1, 2)).reshape(len(rows), -1)
+
+    hidden = family.hidden(rows.pack(embeds), rows.pack(positions), attend)
+    return rows.unpack(hidden), kv
+
+
+def packed_continuation(family: LlamaFamily, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                        prompt_mask: torch.Tensor, next_position: torch.Tensor, embeds: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, PackedRows]:
+    """Logits (L, V) of right-padded continuations after each prompt's KV, real rows only.
+
+    embeds (B, C, D), mask (B, C) 1 at real rows (a prefix of each row), next_position (B,) the first
+    row's position id.  Row (b, c) reads prompt b's real positions and rows b, 0..c.  Returns the logits
+    of the packed real rows and the `PackedRows` that maps them back to (B, C).
+    """
+    rows = PackedRows(mask.bool())
+    B, C = mask.shape
+    dev = mask.device
+    positions = next_position[:, None] + torch.arange(C, device=dev)
+    causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril().expand(B, C, C)
+    allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(B, C, -1), causal], -1)        # (B, C, P + C)
+    bias = _additive(allowed[:, None], embeds.dtype)
+
+    def attend(i, q, k, v):
+        pk, pv = prompt_kv[i]
+        qh, kh, vh = (_heads_first(rows, t) for t in (q, k, v))
+        keys, values = torch.cat([pk, kh], 2), torch.cat([pv, vh], 2)
+        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=bias, scale=family.scaling,
+                                             enable_gqa=qh.shape[1] != keys.shape[1])
+        return rows.pack(out.transpose(1, 2)).reshape(len(rows), -1)
+
+    return family.run(rows.pack(embeds), rows.pack(positions), attend), rows
