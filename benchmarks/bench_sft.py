@@ -21,7 +21,7 @@ Options: --rounds 6 --block 4 --warmup 3 --templates paper short --num-latent 1 
 
 Implementations: "single" is what `latentr3 sft` runs (`LatentR3Model.forward`: one pass over the prompt,
 one over latent + target; on a Llama-family backbone without the padding, `_packed_forward`); "padded"
-is the same single pass through the backbone's own forward on the padded batch (`model.packed = False`);
+is the same single pass through the backbone's own forward on the padded batch (`model.lean = False`);
 "two_pass" the reference design.
 
 Besides samples/s, every row prints the achieved model GFLOP/s and its ratio to this CPU's fp32 matmul
@@ -94,7 +94,7 @@ def model_flops_per_sample(backbone, batches, num_latent: int, lora: bool) -> fl
 
 
 def train_step(model, optimizer, batch, impl):
-    model.packed = impl != "padded"
+    model.lean = impl != "padded"
     fn = model.two_pass_target_logprobs if impl == "two_pass" else model
     logp = fn(batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
     loss = -logp.sum() / batch["target_mask"].sum()

@@ -143,7 +143,7 @@ def test_forward_runs_the_last_latent_with_the_target(tok, titles, num_latent):
     """forward's merged pass (last latent + target in one backbone call) equals think + target_logprobs,
     with noise on the latents, and makes one backbone call fewer."""
     model = make_model(tok, num_latent)
-    model.packed = False          # the backbone-forward path (the packed one makes no backbone call)
+    model.lean = False            # the backbone-forward path (the lean one makes no backbone call)
     pi, pm, ti, tm = batch(examples(tok, titles, num_latent), tok.pad_token_id)
     noise = torch.randn(pi.shape[0], num_latent, model.latent_ratt.hidden_size) * 0.5
     calls = []
@@ -186,8 +186,8 @@ def test_left_padding_matches_rows_alone(tok, titles, num_latent):
         assert not torch.allclose(lat[0], lat[1], atol=1e-3)
 
 
-def _forward_and_grads(model, pi, pm, ti, tm, noise, packed):
-    model.packed = packed
+def _forward_and_grads(model, pi, pm, ti, tm, noise, lean):
+    model.lean = lean
     model.zero_grad(set_to_none=True)
     lp = model(pi, pm, ti, tm, noise)
     weights = torch.linspace(0.5, 2.0, lp.numel()).view_as(lp)   # every token's gradient counts differently
@@ -229,13 +229,13 @@ def test_packed_forward_equals_the_backbone_forward(tok, titles, num_latent, arc
     exs = examples(tok, titles, num_latent, ks=(1, 4, 8, 2), check=False)
     pi, pm, ti, tm = batch(exs, tok.pad_token_id, extra_prompt_pad=3, extra_target_pad=2)
     noise = torch.randn(pi.shape[0], 1, HIDDEN, generator=torch.Generator().manual_seed(0)) if num_latent else None
-    assert model.packed_family() is not None
+    assert model.lean_family() is not None
     calls = []
     hook = model.backbone.register_forward_pre_hook(lambda *a: calls.append(1))
-    lp, grads = _forward_and_grads(model, pi, pm, ti, tm, noise, packed=True)
+    lp, grads = _forward_and_grads(model, pi, pm, ti, tm, noise, lean=True)
     assert not calls
     hook.remove()
-    lp_ref, grads_ref = _forward_and_grads(model, pi, pm, ti, tm, noise, packed=False)
+    lp_ref, grads_ref = _forward_and_grads(model, pi, pm, ti, tm, noise, lean=False)
     torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=2e-5)
     assert (lp[tm == 0] == 0).all() and (lp[tm == 1] < 0).all()
     assert grads.keys() == grads_ref.keys() and len(grads) > 4
@@ -244,19 +244,61 @@ def test_packed_forward_equals_the_backbone_forward(tok, titles, num_latent, arc
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_packed_forward_applies_only_where_it_is_exact(tok):
+@pytest.mark.parametrize("arch", ["qwen2", "gqa"])
+def test_lean_prefill_and_append_equal_the_backbone_forward(tok, titles, arch):
+    """prefill (alone and after a shared prefix, with and without the LM head) and append (the latent,
+    then two tokens) through the lean path: the hidden states, last logits and KV cache at every real
+    position equal the backbone forward's."""
+    model = make_model(tok, 1, seed=4) if arch == "qwen2" else _other_backbone(tok, arch, 1)
+    model.eval()
+    exs = examples(tok, titles, 1, ks=(1, 4, 8), check=False)
+    pi, pm, _, _ = batch(exs, tok.pad_token_id, extra_prompt_pad=2)
+    shared_ids = pi[-1:, -6:-3]                                        # some tokens every prompt follows
+    extra = torch.tensor([[5, 9], [7, 3], [11, 2]])
+
+    def run(lean):
+        model.lean = lean
+        with torch.no_grad():
+            shared = model.prefill(shared_ids, torch.ones_like(shared_ids))
+            out = []
+            for sh in (None, shared):
+                for head in (True, False):
+                    p = model.prefill(pi, pm, sh, last_logits=head)
+                    out.append(p)
+            p = model.think(model.prefill(pi, pm))       # (think extends the cache it is given)
+            p2, logits = model.append(p, model.backbone.get_input_embeddings()(extra), logits_to_keep=0)
+        return out, p2, logits
+
+    lean, lean_p, lean_logits = run(True)
+    ref, ref_p, ref_logits = run(False)
+    for a, b in zip(lean + [lean_p], ref + [ref_p]):
+        real = a.attention_mask.bool()
+        torch.testing.assert_close(a.attention_mask, b.attention_mask)
+        torch.testing.assert_close(a.positions[real], b.positions[real])
+        torch.testing.assert_close(a.hidden[real], b.hidden[real], rtol=1e-5, atol=1e-5)
+        assert (a.last_logits is None) == (b.last_logits is None)
+        if a.last_logits is not None:
+            torch.testing.assert_close(a.last_logits, b.last_logits, rtol=1e-5, atol=1e-5)
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            for x, y in ((la.keys, lb.keys), (la.values, lb.values)):
+                assert x.shape == y.shape
+                torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean_p.latents, ref_p.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_paths_apply_only_where_they_are_exact(tok):
     model = make_model(tok, 1).train()
-    assert model.packed_family() is not None
-    model.packed = False
-    assert model.packed_family() is None
-    model.packed = True
+    assert model.lean_family() is not None
+    model.lean = False
+    assert model.lean_family() is None
+    model.lean = True
     model.backbone.config.attention_dropout = 0.1       # dropout in training: the backbone's own forward
-    assert model.packed_family() is None
-    assert model.eval().packed_family() is not None      # no dropout at evaluation
+    assert model.lean_family() is None
+    assert model.eval().lean_family() is not None        # no dropout at evaluation
     model.backbone.config.attention_dropout = 0.0
-    assert make_model(tok, 2).packed_family() is None    # several latents: the one-token passes of think
     next(model.backbone.parameters()).ds_id = 0          # a DeepSpeed ZeRO-3 parameter
-    assert model.packed_family() is None
+    assert model.lean_family() is None
 
 
 def test_gradients_reach_latent_ratt_and_backbone(tok, titles):

@@ -9,6 +9,11 @@ r_i = LatentRATT(H(prompt, r_1..r_{i-1}))[last] and appends it to the cache; `ta
 runs the target on the cache.  The reference implementation instead runs the whole prompt twice (once
 to get the latent, once with it inserted); `two_pass_target_logprobs` keeps that design as the
 executable specification that tests and the benchmark compare against.
+
+On a Llama-family backbone (`lean_family`) `prefill`, `append` and the training `forward` run through
+`llama_family.packed_pass` (the backbone's own sub-modules, the real tokens only, no HF per-call
+plumbing); elsewhere, and with `model.lean = False`, through the backbone's forward.  Both give the same
+numbers up to float rounding (tests/test_model.py compares log-probs, gradients, hidden states and KV).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from torch import nn
 
 from ..atomic import CheckpointError
 from .latent_ratt import LatentRATT
+from .llama_family import LlamaFamily, packed_pass
 
 CONFIG_NAME = "latentr3.json"
 RATT_NAME = "latent_ratt.safetensors"
@@ -157,6 +163,14 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer (keys, values) of a layered KV cache (transformers' DynamicCache), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
 def _sharded(module: nn.Module) -> bool:
     """Whether `module`'s parameters are sharded by FSDP (1 or 2) or DeepSpeed ZeRO-3."""
     if any(type(m).__name__.startswith("FullyShardedDataParallel") or type(m).__name__.startswith("FSDP")
@@ -203,8 +217,9 @@ class LatentR3Model(nn.Module):
             # DistributedDataParallel fail on the second step (it waits for their gradients).  Kept,
             # frozen, so that every checkpoint has the same files.
             self.latent_ratt.requires_grad_(False)
-        # forward runs without the padding where the backbone allows (packed_family); False: never
-        self.packed = True
+        # prefill / append / forward run through the backbone's own sub-modules, without the padding and
+        # HF's per-call plumbing, where the backbone allows (lean_family); False: always its forward
+        self.lean = True
         base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         params = inspect.signature(type(base).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -239,6 +254,9 @@ class LatentR3Model(nn.Module):
         """
         from transformers import DynamicCache
 
+        fam = self.lean_family()
+        if fam is not None and (shared is None or _layer_kv(shared.cache) is not None):
+            return self._lean_prefill(fam, prompt_ids, prompt_mask, shared, last_logits)
         embeds = self.backbone.get_input_embeddings()(prompt_ids)
         # an empty index tensor: the LM head runs on no position (an int 0 would mean every position)
         keep = 1 if last_logits else torch.empty(0, dtype=torch.long, device=embeds.device)
@@ -277,6 +295,19 @@ class LatentR3Model(nn.Module):
         B, S, _ = embeds.shape
         mask = torch.cat([prefix.attention_mask, prefix.attention_mask.new_ones(B, S)], dim=1)
         pos = prefix.next_position[:, None] + torch.arange(S, device=embeds.device)
+        fam = self.lean_family() if isinstance(logits_to_keep, int) else None
+        past = _layer_kv(prefix.cache) if fam is not None else None
+        if past is not None:
+            h, _, kv = packed_pass(fam, embeds.to(self.embed_dtype), mask.new_ones(B, S), pos, past,
+                                   prefix.attention_mask)
+            for i, (k, v) in enumerate(kv):
+                prefix.cache.update(k, v, i)          # extends the cache in place, as the backbone does
+            h = h.view(B, S, -1)
+            logits = fam.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            hidden = torch.cat([prefix.hidden, h], 1) if keep_hidden else None
+            new = Prefix(prefix.cache, mask, hidden, torch.cat([prefix.positions, pos], 1), logits[:, -1],
+                         prefix.latents)
+            return new, logits
         logits, hidden, cache = self._run(embeds.to(self.embed_dtype), mask, pos, prefix.cache, logits_to_keep,
                                           hidden=keep_hidden)
         hidden = torch.cat([prefix.hidden, hidden], 1) if keep_hidden else None
@@ -323,7 +354,7 @@ class LatentR3Model(nn.Module):
         layer, forward and backward (on a GPU some hundreds of kernel launches per step).  The prompt pass
         then needs no LM head.  Same numbers as `think` + `target_logprobs` up to float rounding.
         """
-        fam = self.packed_family()
+        fam = self.lean_family() if self.num_latent <= 1 else None
         if fam is not None:
             return self._packed_forward(fam, prompt_ids, prompt_mask, target_ids, target_mask, noise)
         if self.num_latent == 0:
@@ -336,22 +367,47 @@ class LatentR3Model(nn.Module):
         return gather_logprobs(logits, target_ids) * target_mask
 
     # ------------------------------------------------------------------ padding-free training pass
-    def packed_family(self):
-        """The backbone's layer loop (`llama_family.LlamaFamily`, memoised) when `forward` may run without
-        the padding, else None: a Llama-family backbone, at most one latent, no attention dropout while
-        training, parameters not sharded (FSDP / DeepSpeed ZeRO-3 gather a layer's weights in its
-        forward, which this path bypasses) and `self.packed` (True; False forces the backbone's forward)."""
-        if not self.packed or self.num_latent > 1:
+    def lean_family(self):
+        """The backbone's layer loop (`llama_family.LlamaFamily`, memoised) when prefill / append / forward
+        may run through it, else None: a Llama-family backbone, no attention dropout while training,
+        parameters not sharded (FSDP / DeepSpeed ZeRO-3 gather a layer's weights in its forward, which
+        this path bypasses) and `self.lean` (True; False forces the backbone's own forward)."""
+        if not self.lean:
             return None
         fam = self.__dict__.get("_llama_family", False)
         if fam is False:
-            from .llama_family import LlamaFamily
-
             fam = LlamaFamily(self.backbone) if LlamaFamily.supports(self.backbone) else None
             self.__dict__["_llama_family"] = fam
         if fam is None or (self.training and getattr(self.backbone.config, "attention_dropout", 0.0)):
             return None
         return None if _sharded(self.backbone) else fam
+
+    def _lean_prefill(self, fam, prompt_ids, prompt_mask, shared: Prefix | None, last_logits: bool) -> Prefix:
+        """`prefill` through `packed_pass`: the real prompt tokens only, no HF plumbing (same numbers up
+        to float rounding; the KV and hidden states at padding are zeros, masked everywhere)."""
+        from transformers import DynamicCache
+
+        B = prompt_ids.shape[0]
+        positions = positions_from_mask(prompt_mask)
+        past = past_mask = None
+        if shared is not None:
+            positions = positions + shared.next_position[:, None]
+            past, past_mask = _layer_kv(shared.cache), shared.attention_mask
+        h, rows, kv = packed_pass(fam, self.backbone.get_input_embeddings()(prompt_ids), prompt_mask, positions,
+                                  past, past_mask)
+        hidden = rows.unpack(h)
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            if past is not None:
+                k = torch.cat([past[i][0].expand(B, -1, -1, -1), k], 2)
+                v = torch.cat([past[i][1].expand(B, -1, -1, -1), v], 2)
+            cache.update(k, v, i)
+        logits = fam.lm_head(hidden[:, -1]) if last_logits else None
+        if shared is None:
+            return Prefix(cache, prompt_mask, hidden, positions, logits)
+        return Prefix(cache, torch.cat([shared.attention_mask.expand(B, -1), prompt_mask], 1),
+                      torch.cat([shared.hidden.expand(B, -1, -1), hidden], 1),
+                      torch.cat([shared.positions.expand(B, -1), positions], 1), logits)
 
     def _packed_forward(self, fam, prompt_ids, prompt_mask, target_ids, target_mask, noise=None):
         """`forward` with the projections, MLP and LM head on the real tokens only.
@@ -362,14 +418,13 @@ class LatentR3Model(nn.Module):
         then one continuation row per target token, [latent or last prompt token, t_1 .. t_{T-1}],
         reading the prompt's KV.  Same numbers as the backbone's forward up to float rounding.
         """
-        from .llama_family import packed_continuation, packed_prompt_pass
-
         embed = self.backbone.get_input_embeddings()
         positions = positions_from_mask(prompt_mask)
         latent = self.num_latent == 1
         ids, mask, pos = (prompt_ids, prompt_mask, positions) if latent else \
             (prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1])
-        hidden, kv = packed_prompt_pass(fam, embed(ids), mask, pos)
+        h, rows, kv = packed_pass(fam, embed(ids), mask, pos)
+        hidden = rows.unpack(h)
         if latent:
             r = self.latent_ratt(hidden, positions, prompt_mask.bool(), hidden[:, -1], positions[:, -1])
             if noise is not None:
@@ -378,8 +433,10 @@ class LatentR3Model(nn.Module):
         else:
             first, start = embed(prompt_ids[:, -1:]), positions[:, -1]
         cont = torch.cat([first, embed(target_ids[:, :-1])], 1) if target_ids.shape[1] > 1 else first
-        logits, rows = packed_continuation(fam, kv, mask, start, cont, target_mask)
-        logp = -F.cross_entropy(logits.float(), rows.pack(target_ids), reduction="none")
+        T = target_ids.shape[1]
+        h, rows, _ = packed_pass(fam, cont, target_mask, start[:, None] + torch.arange(T, device=start.device),
+                                 kv, mask)
+        logp = -F.cross_entropy(fam.lm_head(h).float(), rows.pack(target_ids), reduction="none")
         return rows.unpack(logp)
 
     # ------------------------------------------------------------------ reference two-pass design
