@@ -35,7 +35,8 @@ fine-tuning, 2 x forward with LoRA (no weight gradients for the frozen matrices)
 Measured on the 2-core dev box, 2 threads, jemalloc, quiet machine, short template, micro-batch 16, CDs rows
 (`--backbone smollm2 --threads 2 --templates short --impls single padded --rounds 3 --block 2 --warmup 1`):
 with `--group-by-length 16` (real / padded tokens 0.80, as training batches) single 1.47 / 1.48 / 1.41
-samples/s, 71 / 63 / 61 % of a floor of 96.0 / 107.7 / 106.0 GFLOP/s, 1.22-1.27x the padded pass; in file
+samples/s, 71 / 63 / 61 % of a floor of 96.0 (measured after the steps only) / 107.7 / 106.0 GFLOP/s,
+1.22-1.27x the padded pass; in file
 order (0.60 real) 1.26-1.30 samples/s, 55-56 %, 1.57-1.91x the padded pass (which was 0.78 samples/s,
 29 %, before the padding-free pass).  Tiny model, `--impls single padded two_pass --rounds 4 --block 4
 --warmup 2`: single 1.36x (paper template) and 1.52x (short) the padded pass, 3.40x / 3.93x two-pass.
