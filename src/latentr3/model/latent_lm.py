@@ -163,7 +163,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per layer (keys, values) of a layered KV cache (transformers' DynamicCache), else None."""
     layers = getattr(cache, "layers", None)
     if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
@@ -255,7 +255,7 @@ class LatentR3Model(nn.Module):
         from transformers import DynamicCache
 
         fam = self.lean_family()
-        if fam is not None and (shared is None or _layer_kv(shared.cache) is not None):
+        if fam is not None and (shared is None or layer_kv(shared.cache) is not None):
             return self._lean_prefill(fam, prompt_ids, prompt_mask, shared, last_logits)
         embeds = self.backbone.get_input_embeddings()(prompt_ids)
         # an empty index tensor: the LM head runs on no position (an int 0 would mean every position)
@@ -296,7 +296,7 @@ class LatentR3Model(nn.Module):
         mask = torch.cat([prefix.attention_mask, prefix.attention_mask.new_ones(B, S)], dim=1)
         pos = prefix.next_position[:, None] + torch.arange(S, device=embeds.device)
         fam = self.lean_family() if isinstance(logits_to_keep, int) else None
-        past = _layer_kv(prefix.cache) if fam is not None else None
+        past = layer_kv(prefix.cache) if fam is not None else None
         if past is not None:
             h, _, kv = packed_pass(fam, embeds.to(self.embed_dtype), mask.new_ones(B, S), pos, past,
                                    prefix.attention_mask)
@@ -392,7 +392,7 @@ class LatentR3Model(nn.Module):
         past = past_mask = None
         if shared is not None:
             positions = positions + shared.next_position[:, None]
-            past, past_mask = _layer_kv(shared.cache), shared.attention_mask
+            past, past_mask = layer_kv(shared.cache), shared.attention_mask
         h, rows, kv = packed_pass(fam, self.backbone.get_input_embeddings()(prompt_ids), prompt_mask, positions,
                                   past, past_mask)
         hidden = rows.unpack(h)

@@ -19,8 +19,8 @@ import copy
 
 import torch
 
-from .latent_lm import LatentR3Model, Prefix, gather_logprobs
-from .llama_family import LlamaFamily, grouped_continuations
+from .latent_lm import LatentR3Model, Prefix, gather_logprobs, layer_kv
+from .llama_family import grouped_continuations
 
 
 def fork_prefix(prefix: Prefix) -> Prefix:
@@ -78,26 +78,11 @@ def expand_and_think(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.
     return p
 
 
-def _family(model: LatentR3Model) -> LlamaFamily | None:
-    """The backbone's layer loop when the grouped path applies to it (memoised on the model), else None."""
-    fam = model.__dict__.get("_llama_family", False)
-    if fam is False:
-        fam = LlamaFamily(model.backbone) if LlamaFamily.supports(model.backbone) else None
-        model.__dict__["_llama_family"] = fam
-    return fam
-
-
-def _prompt_kv(prefix: Prefix) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    layers = getattr(prefix.cache, "layers", None)
-    if not layers or not all(getattr(l, "keys", None) is not None for l in layers):  # noqa: E741
-        return None
-    return [(l.keys, l.values) for l in layers]  # noqa: E741
-
-
 def grouped_applies(model: LatentR3Model, prefix: Prefix | None = None) -> bool:
     """Whether `sample_logprobs` can run the grouped path on this model and prompt pass (None: on a
     prompt pass of `model.prefill`, whose cache is layered)."""
-    return model.num_latent == 1 and _family(model) is not None and (prefix is None or _prompt_kv(prefix) is not None)
+    return (model.num_latent == 1 and model.lean_family() is not None
+            and (prefix is None or layer_kv(prefix.cache) is not None))
 
 
 def prompt_pass(model: LatentR3Model, batch: dict, shared: Prefix | None = None) -> Prefix:
@@ -128,7 +113,7 @@ def sample_logprobs(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.T
     if T > 1:
         tgt = model.backbone.get_input_embeddings()(target_ids[:, :-1])                      # (P, T-1, D)
         embeds.append(tgt[:, None].expand(P, G, T - 1, tgt.shape[-1]))
-    logits = grouped_continuations(_family(model), _prompt_kv(prefix), prefix.attention_mask,
+    logits = grouped_continuations(model.lean_family(), layer_kv(prefix.cache), prefix.attention_mask,
                                    prefix.next_position, torch.cat(embeds, dim=2))
     return gather_logprobs(logits.reshape(P * G, T, -1), target_ids.repeat_interleave(G, dim=0))
 
