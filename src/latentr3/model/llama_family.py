@@ -185,8 +185,8 @@ def packed_pass(family: LlamaFamily, embeds: torch.Tensor, mask: torch.Tensor, p
     embeds (B, S, D), mask (B, S) 1 at real tokens (left padding: prompts; right padding: targets),
     positions (B, S).  Each real token reads the real positions of `past` (per layer (keys, values)
     (B or 1, Hk, Lp, Dh), rotated as a KV cache holds them; `past_mask` (B or 1, Lp)) and the real tokens
-    of its row up to itself.  A padding token reads itself only (it would otherwise have no key: NaN in
-    the attention and in its backward), so nothing of it reaches a real token.
+    of its row up to itself; nothing of a padding token reaches a real one (after a past a padding token
+    reads itself only: it would otherwise have no key, NaN in the attention and in its backward).
 
     Returns (hidden, rows, kv): the final normed hidden states (L, D) of the L real tokens (what HF
     returns as hidden_states[-1]; `rows.unpack` gives (B, S, D)), their `PackedRows`, and per layer the
@@ -195,23 +195,36 @@ def packed_pass(family: LlamaFamily, embeds: torch.Tensor, mask: torch.Tensor, p
     rows = PackedRows(mask.bool())
     B, S = mask.shape
     dev = mask.device
-    own = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & mask.bool()[:, None, :]
-    allowed = own | torch.eye(S, dtype=torch.bool, device=dev)                                   # (B, S, S)
-    if past is not None:
-        allowed = torch.cat([past_mask.bool()[:, None, :].expand(B, S, -1), allowed], -1)       # (B, S, Lp + S)
-    bias = _additive(allowed[:, None], embeds.dtype)
     kv = []
+    heads_first = lambda layout, t: layout.unpack(t).transpose(1, 2)   # noqa: E731  (L, H, Dh) -> (B, H, S, Dh)
+    if past is None:
+        # Without a past the attention runs on each row's real tokens moved to its front: a causal mask
+        # then hides every padding key from every real query, so SDPA needs no mask tensor (is_causal,
+        # whose kernel also skips the blocks above the diagonal); a padding query reads real keys and
+        # zeros, finite, and its output is dropped.
+        front = PackedRows(torch.arange(S, device=dev) < mask.sum(1, keepdim=True))
 
-    def attend(i, q, k, v):
-        qh, kh, vh = (rows.unpack(t).transpose(1, 2) for t in (q, k, v))                    # (B, H, S, Dh)
-        kv.append((kh, vh))
-        if past is not None:
+        def attend(i, q, k, v):
+            kv.append((heads_first(rows, k), heads_first(rows, v)))
+            qh, kh, vh = (heads_first(front, t) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=family.scaling,
+                                                 enable_gqa=qh.shape[1] != kh.shape[1])
+            return front.pack(out.transpose(1, 2)).reshape(len(rows), -1)
+    else:
+        own = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & mask.bool()[:, None, :]
+        allowed = torch.cat([past_mask.bool()[:, None, :].expand(B, S, -1),
+                             own | torch.eye(S, dtype=torch.bool, device=dev)], -1)            # (B, S, Lp + S)
+        bias = _additive(allowed[:, None], embeds.dtype)
+
+        def attend(i, q, k, v):
+            qh, kh, vh = (heads_first(rows, t) for t in (q, k, v))
+            kv.append((kh, vh))
             pk, pv = past[i]
             kh = torch.cat([pk.expand(B, -1, -1, -1), kh], 2)
             vh = torch.cat([pv.expand(B, -1, -1, -1), vh], 2)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=family.scaling,
-                                             enable_gqa=qh.shape[1] != kh.shape[1])
-        return rows.pack(out.transpose(1, 2)).reshape(len(rows), -1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=family.scaling,
+                                                 enable_gqa=qh.shape[1] != kh.shape[1])
+            return rows.pack(out.transpose(1, 2)).reshape(len(rows), -1)
 
     hidden = family.hidden(rows.pack(embeds), rows.pack(positions), attend)
     return hidden, rows, kv
