@@ -38,8 +38,10 @@ with `--group-by-length 16` (real / padded tokens 0.80, as training batches) sin
 samples/s, 71 / 63 / 61 % of a floor of 96.0 (measured after the steps only) / 107.7 / 106.0 GFLOP/s,
 1.22-1.27x the padded pass; in file
 order (0.60 real) 1.26-1.30 samples/s, 55-56 %, 1.57-1.91x the padded pass (which was 0.78 samples/s,
-29 %, before the padding-free pass).  Tiny model, `--impls single padded two_pass --rounds 4 --block 4
---warmup 2`: single 1.36x (paper template) and 1.52x (short) the padded pass, 3.40x / 3.93x two-pass.
+29 %, before the padding-free pass).  With the prompt pass's attention then made causal without a mask
+tensor (grouped, same command): 1.69 / 1.57 samples/s, 70 / 64 % of 111.2 / 113.7 GFLOP/s, 1.31x / 1.28x
+the padded pass.  Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
+1.36x (paper template) and 1.55x (short) the padded pass, 3.18x / 4.11x two-pass.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ construction, attention dispatch):
 * training, prefill and append without the padding (`packed_pass`, used by `LatentR3Model.forward`,
   `prefill`, `append`): projections, MLP, norms and LM head run on the real tokens only, the attention
   on the padded layout.  A batch is padded to its longest prompt and longest target: on SmolLM2-135M
-  (short template, micro-batch 16, CDs rows) 60 % of the positions were real, and a full fine-tuning
-  step went from 0.78 to 1.30 samples/s (bench_sft.py, 2 threads);
+  (short template, micro-batch 16, CDs rows, random batches) 60 % of the positions were real, and a full
+  fine-tuning step went from 0.78 to 1.30 samples/s (bench_sft.py, 2 threads; 1.3x on length-grouped
+  batches);
 
 * a beam-search step (`decoding.decoder_step.LlamaFamilyStep`, eager and static-shape): one new token per live beam row,
   attending to its user's prompt KV (kept once) and its own beam's generated KV;
