@@ -302,16 +302,14 @@ class LatentR3Model(nn.Module):
                                    prefix.attention_mask)
             for i, (k, v) in enumerate(kv):
                 prefix.cache.update(k, v, i)          # extends the cache in place, as the backbone does
-            h = h.view(B, S, -1)
-            logits = fam.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-            hidden = torch.cat([prefix.hidden, h], 1) if keep_hidden else None
-            new = Prefix(prefix.cache, mask, hidden, torch.cat([prefix.positions, pos], 1), logits[:, -1],
-                         prefix.latents)
-            return new, logits
-        logits, hidden, cache = self._run(embeds.to(self.embed_dtype), mask, pos, prefix.cache, logits_to_keep,
+            hidden = h.view(B, S, -1)
+            logits = fam.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        else:
+            logits, hidden, _ = self._run(embeds.to(self.embed_dtype), mask, pos, prefix.cache, logits_to_keep,
                                           hidden=keep_hidden)
         hidden = torch.cat([prefix.hidden, hidden], 1) if keep_hidden else None
-        new = Prefix(cache, mask, hidden, torch.cat([prefix.positions, pos], 1), logits[:, -1], prefix.latents)
+        new = Prefix(prefix.cache, mask, hidden, torch.cat([prefix.positions, pos], 1), logits[:, -1],
+                     prefix.latents)
         return new, logits
 
     def think(self, prefix: Prefix, noise: torch.Tensor | None = None, hold_last: bool = False) -> Prefix:
@@ -419,23 +417,19 @@ class LatentR3Model(nn.Module):
         reading the prompt's KV.  Same numbers as the backbone's forward up to float rounding.
         """
         embed = self.backbone.get_input_embeddings()
-        positions = positions_from_mask(prompt_mask)
-        latent = self.num_latent == 1
-        ids, mask, pos = (prompt_ids, prompt_mask, positions) if latent else \
-            (prompt_ids[:, :-1], prompt_mask[:, :-1], positions[:, :-1])
-        h, rows, kv = packed_pass(fam, embed(ids), mask, pos)
-        hidden = rows.unpack(h)
-        if latent:
-            r = self.latent_ratt(hidden, positions, prompt_mask.bool(), hidden[:, -1], positions[:, -1])
+        if self.num_latent == 1:
+            prefix = self._lean_prefill(fam, prompt_ids, prompt_mask, None, last_logits=False)
+            r = self.compute_latent(prefix)
             if noise is not None:
                 r = r + noise[:, 0].to(r.dtype)
-            first, start = r[:, None].to(self.embed_dtype), positions[:, -1] + 1
+            first, start = r[:, None].to(self.embed_dtype), prefix.next_position
         else:
-            first, start = embed(prompt_ids[:, -1:]), positions[:, -1]
+            prefix = self._lean_prefill(fam, prompt_ids[:, :-1], prompt_mask[:, :-1], None, last_logits=False)
+            first, start = embed(prompt_ids[:, -1:]), positions_from_mask(prompt_mask)[:, -1]
         cont = torch.cat([first, embed(target_ids[:, :-1])], 1) if target_ids.shape[1] > 1 else first
         T = target_ids.shape[1]
         h, rows, _ = packed_pass(fam, cont, target_mask, start[:, None] + torch.arange(T, device=start.device),
-                                 kv, mask)
+                                 layer_kv(prefix.cache), prefix.attention_mask)
         logp = -F.cross_entropy(fam.lm_head(h).float(), rows.pack(target_ids), reduction="none")
         return rows.unpack(logp)
 

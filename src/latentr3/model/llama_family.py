@@ -134,7 +134,7 @@ def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tenso
     allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(P, G * S, -1),
                          own.expand(P, -1, -1)], dim=-1)[:, None]                          # (P, 1, GS, Lp+GS)
     # additive, in the tokens' dtype (the prompt KV, the queries and the new KV all share it)
-    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    mask = _additive(allowed, embeds.dtype)
 
     def attend(i, q, k, v):
         pk, pv = prompt_kv[i]
