@@ -5,8 +5,8 @@ Run (a checkpoint written by `latentr3 sft|grpo`, its dataset's test split for t
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo/sft/best --config configs/demo.yaml
 
 Options: --levels 1 4 16 64 --seconds 5 (per level and round) --rounds 3 --warmup 2
---max-batch-users 16 --admit-at 0 --threads 1 (torch threads of the server and of the in-process
-baseline) --inproc-users 30 --check-users 20 --eval-records FILE --overload-clients 96
+--max-batch-users 16 --admit-at 0 --threads 1 (torch threads of each server worker and of the in-process
+baseline) --workers 1 (the server's worker processes) --inproc-users 30 --check-users 20 --eval-records FILE --overload-clients 96
 --overload-queue 8 --overload-seconds 8 --overload-timeout 5 --out result.json
 
 What it does:
@@ -28,9 +28,9 @@ What it does:
    driven by --overload-clients closed-loop clients: every request must get 200, 429 or 504 (none
    dropped, i.e. no transport error, and no other status).
 
-"server CPU (cores)" is the server process's CPU time over the level's wall time: on a machine shared
-with other jobs it shows how much of its one torch thread the server actually got (1.0 = a whole core,
-engine thread plus event loop).
+"server CPU (cores)" is the server's CPU time (all its processes) over the level's wall time: on a machine
+shared with other jobs it shows how much CPU the server actually got (1.0 = a whole core; one worker is at
+most about one: engine thread plus event loop share the GIL).
 
 The three bars of issue 12: rps(16) >= 5 x rps(1); p50(1) <= 1.3 x in-process latency; overload: 0
 dropped, 0 answers other than 200/429/504.  The client runs on the same machine as the server: its own
@@ -90,12 +90,15 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all threads (Linux /proc; nan elsewhere)."""
+    """User + system CPU seconds of a process and its child processes (`serve --workers`), all threads
+    (Linux /proc; nan elsewhere)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+    return own + sum(process_cpu_seconds(int(c)) for c in children)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -190,6 +193,7 @@ def main() -> None:
     p.add_argument("--max-batch-users", type=int, default=16)
     p.add_argument("--admit-at", type=int, default=0, help="the server's --admit-at (0 = its default)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="the server's --workers (processes sharing the port)")
     p.add_argument("--inproc-users", type=int, default=30)
     p.add_argument("--check-users", type=int, default=20)
     p.add_argument("--overload-clients", type=int, default=96)
@@ -210,12 +214,14 @@ def main() -> None:
     rec = Recommender.from_pretrained(args.model, device="cpu")
     histories = test_histories(args, set(rec.catalogue.titles))
     print(f"{len(histories)} test histories; checkpoint {args.model}; torch threads {args.threads}; "
-          f"server max_batch_users {args.max_batch_users}, admit_at {args.admit_at}", flush=True)
+          f"server workers {args.workers}, max_batch_users {args.max_batch_users}, admit_at {args.admit_at}",
+          flush=True)
 
+    workers = ("--workers", str(args.workers))
     proc, url = start_server(args.model, args.threads, "--max-batch-users", str(args.max_batch_users),
-                             "--admit-at", str(args.admit_at), "--max-queue", "1024", "--timeout-s", "120")
-    result: dict = {"model": args.model, "threads": args.threads, "max_batch_users": args.max_batch_users,
-                    "admit_at": args.admit_at}
+                             "--admit-at", str(args.admit_at), "--max-queue", "1024", "--timeout-s", "120", *workers)
+    result: dict = {"model": args.model, "threads": args.threads, "workers": args.workers,
+                    "max_batch_users": args.max_batch_users, "admit_at": args.admit_at}
     try:
         rec.recommend([histories[0]], k=args.k)                      # warm-up
         # the server's lists equal the in-process ones
@@ -268,7 +274,7 @@ def main() -> None:
 
     proc, url = start_server(args.model, args.threads, "--max-batch-users", str(args.max_batch_users),
                              "--admit-at", str(args.admit_at), "--max-queue", str(args.overload_queue),
-                             "--timeout-s", str(args.overload_timeout))
+                             "--timeout-s", str(args.overload_timeout), *workers)
     try:
         over = asyncio.run(closed_loop(url, histories, args.overload_clients, args.overload_seconds, 0.0, args.k))
         del over["runs"]

@@ -320,6 +320,67 @@ def test_sigterm_drains_accepted_requests_refuses_new_ones_and_exits_0(servers):
     assert srv.proc.wait(60) == 0, srv.output()
 
 
+def test_workers_share_the_port_answer_alike_are_restarted_and_drain(servers, recommender):
+    """--workers 2: connections reach both (SO_REUSEPORT), each answers as Recommender.recommend, a killed
+    worker is replaced, SIGTERM drains both and the supervisor exits 0."""
+    srv = Server(servers["ckpt"], "--workers", "2", "--max-batch-users", "2").wait_ready()
+    try:
+        def workers_seen(n=60):
+            seen = {}
+            for _ in range(n):                # a new connection each time: spread by address hash
+                try:
+                    h = httpx.get(srv.url + "/healthz").json()
+                except httpx.TransportError:  # the dead worker's unaccepted connections are reset
+                    continue
+                seen[h["worker"]] = h["pid"]
+                if len(seen) == 2:
+                    break
+            return seen
+
+        seen = workers_seen()
+        assert sorted(seen) == [0, 1] and len(set(seen.values())) == 2
+        want = recommender.recommend(HISTORIES, k=5)
+        for h, w in zip(HISTORIES, want):
+            got = srv.post("/v1/recommend", {"history": h, "k": 5}).json()["items"]
+            assert [g["title"] for g in got] == [r.title for r in w]
+            assert [g["score"] for g in got] == pytest.approx([r.score for r in w], abs=1e-5)
+        os.kill(seen[1], signal.SIGKILL)     # a worker dies: the supervisor starts another in its place
+        for _ in range(300):
+            again = workers_seen(10)
+            if sorted(again) == [0, 1] and again[1] != seen[1]:
+                break
+            time.sleep(0.1)
+        assert sorted(again) == [0, 1] and again[1] != seen[1] and again[0] == seen[0], (seen, again, srv.output())
+        results = []
+
+        def ask():
+            results.append(srv.post("/v1/recommend/batch", {"histories": [HISTORIES[i % 6] for i in range(8)]}))
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200] * 4
+        assert srv.proc.wait(60) == 0, srv.output()
+        for pid in again.values():            # no worker left behind
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        srv.stop()
+
+
+def test_workers_that_cannot_load_stop_the_supervisor(tmp_path):
+    srv = Server(tmp_path / "missing", "--workers", "2")
+    try:
+        assert srv.proc.wait(120) == 2
+        assert "cannot start" in srv.output() and "missing" in srv.output()
+    finally:
+        srv.stop()
+
+
 def test_serve_rejects_bad_options_before_loading(tmp_path, capsys):
     from latentr3.cli import main
 

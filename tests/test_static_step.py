@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentr3.decoding.beam_search import BeamBatch, StaticBeamKV, _CUDAGraphs, batch_shared_prefix
+from latentr3.decoding.beam_search import BeamBatch, BeamKV, StaticBeamKV, _CUDAGraphs, batch_shared_prefix
 from latentr3.decoding.engine import DecodeRequest, DecodingEngine
 from test_decoding import make_varied
 
@@ -74,23 +74,36 @@ def test_static_step_runs_bucketed_rows_and_keeps_its_kv_storage(varied, monkeyp
     assert len(generations) <= 3 < len(lengths)
 
 
-def test_static_kv_select_and_append_in_place():
+@pytest.mark.parametrize("kind", ["eager", "static"])
+def test_kv_select_and_append_in_place(kind):
+    """Both KV storages: users join in free places and leave by a move of the last users into their places;
+    only more users or a longer prompt than it holds reallocate (places to a power of two)."""
     torch.manual_seed(0)
     keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
     mask = torch.ones(3, 5, dtype=torch.long)
     mask[1, :2] = 0
-    kv = StaticBeamKV(keys, values, mask, beams=2, slots=3)
-    assert kv.places == 4 and kv.prompt_len == 32 and kv.k_all.shape[2] == 32 + 3 * 2
+    kv = StaticBeamKV(keys, values, mask, beams=2, slots=3) if kind == "static" else BeamKV(keys, values, mask, beams=2)
+    P = 32 if kind == "static" else 5           # the static prompt part is a multiple of 32 positions
+    assert kv.places == 4 and kv.prompt_len == P and kv.capacity == (3 if kind == "static" else 16)
+    kv.k_all[:3, :, P:] = torch.arange(3.0)[:, None, None, None]      # each user's generated part: its number
     ptr, gen = kv.k_all.data_ptr(), kv.generation
-    kv.select(torch.tensor([2, 1]))
-    assert kv.users == 2 and torch.equal(kv.k_all[0, :, 27:32], keys[2]) and torch.equal(kv.k_all[1, :, 27:32], keys[1])
-    assert kv.prompt_bias[1, 0, 0, 27:29].eq(float("-inf")).all() and kv.prompt_bias[1, 0, 0, 29:].eq(0).all()
+    before = kv.k_all.clone()
+    kv.select(torch.tensor([2, 1]), [0])        # user 0 leaves, user 2 takes its place, user 1 stays
+    assert kv.users == 2 and torch.equal(kv.k_all[0, :, P - 5:P], keys[2]) and torch.equal(kv.k_all[1], before[1])
+    assert kv.k_all[0, :, P:].eq(2).all() and kv.k_all.data_ptr() == ptr
+    assert kv.prompt_bias[1, 0, 0, P - 5:P - 3].eq(float("-inf")).all() and kv.prompt_bias[1, 0, 0, P - 3:].eq(0).all()
     kv.append(keys[:1, :, :3], values[:1, :, :3], torch.ones(1, 3))
     assert kv.k_all.data_ptr() == ptr and kv.generation == gen and kv.users == 3
-    assert kv.prompt_bias[2, 0, 0, :29].eq(float("-inf")).all() and torch.equal(kv.v_all[2, :, 29:32], values[0, :, :3])
+    assert kv.prompt_bias[2, 0, 0, :P - 3].eq(float("-inf")).all() and torch.equal(kv.v_all[2, :, P - 3:P], values[0, :, :3])
     kv.append(torch.randn(2, 2, 40, 4), torch.randn(2, 2, 40, 4), torch.ones(2, 40))   # more users, longer prompt
-    assert kv.generation != gen and kv.places == 8 and kv.prompt_len == 64 and kv.users == 5
-    assert torch.equal(kv.k_all[0, :, 59:64], keys[2]) and kv.prompt_bias[0, 0, 0, :59].eq(float("-inf")).all()
+    P2 = 64 if kind == "static" else 40
+    assert kv.generation != gen and kv.places == 8 and kv.prompt_len == P2 and kv.users == 5
+    assert torch.equal(kv.k_all[0, :, P2 - 5:P2], keys[2]) and kv.prompt_bias[0, 0, 0, :P2 - 5].eq(float("-inf")).all()
+    assert kv.k_all[0, :, P2:].eq(2).all()     # the generated part moved with the prompt part
+    kv.begin_step(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 1, None)
+    k, _ = kv.update(torch.zeros(0, 2, 1, 4), torch.zeros(0, 2, 1, 4))
+    # attention reads the active users (eager) or every place (static: shapes independent of the users)
+    assert k.shape == ((8 if kind == "static" else 5), 2, P2 + 1 * 2, 4)
 
 
 def test_cuda_graphs_recapture_when_the_kv_storage_moves(monkeypatch):

@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:
         model=args.model, host=args.host, port=args.port, max_batch_users=args.max_batch_users,
         admit_at=args.admit_at, max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
         num_beams=args.num_beams, catalogue=args.catalogue, device=args.device, dtype=args.dtype,
-        threads=args.threads, log_level=args.log_level))
+        threads=args.threads, workers=args.workers, log_level=args.log_level))
 
 
 def cmd_config(args) -> int:
@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--catalogue", help="catalogue file (default: the checkpoint's copy)")
     sp.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (default: torch's choice)")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="worker processes sharing the port, each with its own model copy and engine (default 1; "
+                         "on a CPU under load, one per core with --threads 1 is fastest)")
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sp.set_defaults(fn=cmd_serve)
     with_config("config", "print the resolved config (defaults + file + overrides)", cmd_config)

@@ -25,7 +25,11 @@ import asyncio
 import json
 import logging
 import math
+import os
+import queue
 import signal
+import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Annotated, Union
@@ -53,7 +57,15 @@ class ServeSettings:
     catalogue: str | None = None
     device: str | None = None
     dtype: str = "auto"
-    threads: int = 0               # torch threads (0 = torch's default)
+    threads: int = 0               # torch threads per worker (0 = torch's default)
+    # Worker processes, each with its own copy of the model and its own engine, sharing the port
+    # (SO_REUSEPORT: the kernel spreads connections over them).  One engine's step is mostly small tensor
+    # operations issued from Python, so one engine cannot keep two cores busy (its thread holds the GIL for
+    # much of each step; a second engine *thread* in the same process adds ~15 %, a second process ~100 %):
+    # on a CPU with C cores, C workers x 1 thread is the fastest layout under load.  Each costs the model's
+    # memory; a request is batched only with the requests of its own worker; /healthz and /metrics describe
+    # the worker that answers them.
+    workers: int = 1
     log_level: str = "info"
 
 
@@ -69,7 +81,8 @@ def check_settings(s: ServeSettings) -> None:
              ("--max-body-bytes", s.max_body_bytes > 0, "must be > 0"),
              ("--num-beams", s.num_beams >= 1, "must be >= 1"),
              ("--port", 0 <= s.port <= 65535, "must be in [0, 65535]"),
-             ("--threads", s.threads >= 0, "must be >= 0")]
+             ("--threads", s.threads >= 0, "must be >= 0"),
+             ("--workers", s.workers >= 1, "must be >= 1")]
     for name, ok, why in rules:
         if not ok:
             raise ConfigError(f"{name} {why}, got {getattr(s, name[2:].replace('-', '_'))}")
@@ -130,7 +143,7 @@ def _schemas(s: ServeSettings):
 
 # ----------------------------------------------------------------------------------- metrics
 class _Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, worker: int = 0):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
         disable_created_metrics()      # no *_created series: they double the page and nobody graphs them
@@ -146,6 +159,8 @@ class _Metrics:
         Gauge("latentr3_queue_depth", "users waiting for a place in the batch",
               registry=r).set_function(lambda: engine.queue_depth)
         Gauge("latentr3_active_users", "users being decoded", registry=r).set_function(lambda: engine.active)
+        Gauge("latentr3_worker", "index of the worker process answering this scrape (serve --workers)",
+              registry=r).set(worker)
         r.register(_EngineCounters(engine))
 
     def render(self) -> bytes:
@@ -244,8 +259,11 @@ class _Gate:
 
 
 # ----------------------------------------------------------------------------------- the app
-def create_app(recommender, settings: ServeSettings):
-    """The FastAPI app around one Recommender; its engine thread starts and drains with the app."""
+def create_app(recommender, settings: ServeSettings, worker: int = 0):
+    """The FastAPI app around one Recommender; its engine thread starts and drains with the app.
+
+    worker: this process's index among `settings.workers` (shown by /healthz and /metrics).
+    """
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -266,7 +284,7 @@ def create_app(recommender, settings: ServeSettings):
         settings.admit_at = max(1, settings.max_batch_users // 4)
     engine = recommender.new_engine(settings.num_beams, settings.max_batch_users, admit_at=settings.admit_at,
                                     max_queue=settings.max_queue, on_step=on_step)
-    metrics = holder["metrics"] = _Metrics(engine)
+    metrics = holder["metrics"] = _Metrics(engine, worker)
     state = {"draining": False, "inflight": 0, "latency_ewma": 0.0}
 
     @asynccontextmanager
@@ -401,7 +419,8 @@ def create_app(recommender, settings: ServeSettings):
     @app.get("/healthz", summary="model loaded, queue depth (503 while draining)")
     async def healthz():
         body = {"status": "draining" if state["draining"] else "ok", "model_loaded": True,
-                "queue_depth": engine.queue_depth, "active_users": engine.active}
+                "queue_depth": engine.queue_depth, "active_users": engine.active,
+                "worker": worker, "workers": settings.workers, "pid": os.getpid()}
         return JSONResponse(body, 503 if state["draining"] else 200)
 
     @app.get("/v1/model", summary="checkpoint, catalogue and decoding settings")
@@ -416,7 +435,7 @@ def create_app(recommender, settings: ServeSettings):
                              "shared_prefix_tokens": len(recommender.shared_prefix or [])},
                 "serving": {k: v for k, v in asdict(settings).items()
                             if k in ("max_batch_users", "admit_at", "max_queue", "timeout_s", "max_body_bytes",
-                                     "max_history", "max_histories")}}
+                                     "max_history", "max_histories", "workers", "threads")}}
 
     @app.get("/metrics", summary="Prometheus metrics (text format)")
     async def prometheus():
@@ -468,27 +487,126 @@ def _version() -> str:
 
 # ----------------------------------------------------------------------------------- the process
 def serve(settings: ServeSettings) -> int:
-    """Loads the checkpoint, serves until SIGTERM / SIGINT, drains, returns 0."""
+    """Loads the checkpoint, serves until SIGTERM / SIGINT, drains, returns 0 (several workers: `_supervise`)."""
+    check_settings(settings)          # before the checkpoint is loaded
+    if settings.workers > 1:
+        return _supervise(settings)
+    _build_server(settings).run()
+    return 0
+
+
+def _build_server(settings: ServeSettings, worker: int = 0) -> "_DrainingServer":
+    """The checkpoint loaded and its app built, in a uvicorn server that drains on SIGTERM."""
     import torch
     import uvicorn
 
     from .recommend import Recommender
 
-    check_settings(settings)          # before the checkpoint is loaded
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tag = f" [worker {worker}]" if settings.workers > 1 else ""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
     rec = Recommender.from_pretrained(settings.model, catalogue=settings.catalogue, device=settings.device,
                                       dtype=settings.dtype, num_beams=settings.num_beams)
-    app = create_app(rec, settings)
+    app = create_app(rec, settings, worker)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, timeout_graceful_shutdown=settings.timeout_s + 5)
-    server = _DrainingServer(config, app)
-    log.info("latentr3 serve: %s on http://%s:%d (max_batch_users %d, max_queue %d, timeout %.1fs)",
-             settings.model, settings.host, settings.port, settings.max_batch_users, settings.max_queue,
+    log.info("latentr3 serve: %s on http://%s:%d (max_batch_users %d, max_queue %d, timeout %.1fs)", settings.model, settings.host, settings.port, settings.max_batch_users, settings.max_queue,
              settings.timeout_s)
-    server.run()
-    return 0
+    return _DrainingServer(config, app)
+
+
+# ----------------------------------------------------------------------------------- several workers
+# By hand rather than `uvicorn --workers`: uvicorn's supervisor needs the app as an import string (ours is
+# built around a loaded checkpoint), shares one listening socket (under light load one process tends to
+# accept most connections, so a closed-loop client's connections land unevenly) and restarts a worker that
+# fails while loading forever.  Here every worker loads its model, reports ready, and only when all are
+# ready does each bind its own SO_REUSEPORT socket: from then on the kernel spreads new connections over
+# them evenly by address hash.  SIGTERM / SIGINT is forwarded; each worker drains as a single server does.
+def _reuseport_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP (without it
+    # Nagle's algorithm and delayed ACKs add ~40 ms to a small answer)
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(addr)
+    return sock
+
+
+def _worker_main(settings: ServeSettings, worker: int, ready, go) -> None:
+    """A worker process: load, report ready, wait until every worker is, then serve on its own socket."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor forwards a Ctrl-C as SIGTERM
+    try:
+        server = _build_server(settings, worker)
+    except Exception as e:  # noqa: BLE001 - a bad checkpoint: say what is wrong, as the single server does
+        log.error("worker %d cannot start: %s: %s", worker, type(e).__name__, e)
+        sys.exit(2)
+    ready.put(worker)
+    go.wait()
+    sock = _reuseport_socket(settings.host, settings.port)
+    server.run(sockets=[sock])
+
+
+def _supervise(settings: ServeSettings) -> int:
+    """Starts settings.workers worker processes on one port; returns 0 when all drained and exited 0."""
+    import multiprocessing as mp
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.port == 0:
+        log.error("--workers %d needs a fixed --port (with port 0 every worker would get its own)", settings.workers)
+        return 2
+    try:                              # the port must be free: the workers' SO_REUSEPORT binds would share it
+        with socket.socket(socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[0][0]) as probe:
+            probe.bind((settings.host, settings.port))
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
+        return 1
+    ctx = mp.get_context("spawn")     # fresh interpreters: no forked torch thread pools
+    ready, go = ctx.Queue(), ctx.Event()
+    procs: dict[int, mp.process.BaseProcess] = {}
+    stopping = []
+
+    def start(i: int) -> None:
+        procs[i] = ctx.Process(target=_worker_main, args=(settings, i, ready, go), name=f"latentr3-worker-{i}",
+                               daemon=False)
+        procs[i].start()
+
+    def stop(sig, frame) -> None:
+        if not stopping:
+            log.info("%s: draining %d workers", signal.Signals(sig).name, len(procs))
+        stopping.append(sig)
+        for p in procs.values():
+            if p.is_alive():
+                p.terminate()         # SIGTERM: the worker drains
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(settings.workers):
+        start(i)
+    is_ready: set[int] = set()
+    while not stopping:
+        try:
+            is_ready.add(ready.get(timeout=0.2))
+        except queue.Empty:
+            pass
+        if len(is_ready) == settings.workers and not go.is_set():
+            go.set()
+            log.info("latentr3 serve: %d workers on http://%s:%d", settings.workers, settings.host, settings.port)
+        for i, p in list(procs.items()):
+            if p.exitcode is not None and not stopping:
+                if not go.is_set():   # failed while loading: the others would fail the same way
+                    log.error("worker %d exited with %s before it was ready; stopping", i, p.exitcode)
+                    stop(signal.SIGTERM, None)
+                    for q in procs.values():
+                        q.join()
+                    return p.exitcode if p.exitcode > 0 else 1
+                log.error("worker %d exited with %s; starting a new one", i, p.exitcode)
+                start(i)
+    for p in procs.values():
+        p.join()
+    return 0 if all(p.exitcode == 0 for p in procs.values()) else 1
 
 
 def _uvicorn_server():

@@ -107,36 +107,86 @@ _SLOT_CHUNK = 16   # the generated-KV buffers grow by this many positions when a
 class BeamKV(DynamicLayer):
     """One layer's KV cache for the beams of the active users.
 
-    Storage (U, H, P + capacity * K, D) per user: first the prompt (+ latent) positions, left-padded to a
-    common length P and kept once per user, never repeated for the K beams; then the generated tokens,
+    Storage (places, H, P + capacity * K, D): `places` user places, the first `users` of them active; per
+    user first the prompt (+ latent) positions, right-aligned in a common prompt part of P positions (the
+    rest masked) and kept once per user, never repeated for the K beams; then the generated tokens,
     slot-major: the token that beam k of a user generated at the user's step s sits at P + s * K + k,
     written once and never moved.  When beams are reordered, each beam's ancestry (which beam column it
     descends from at every earlier step) changes instead of the KV: one attention call per layer
     (`attend_beams`, a fused SDPA kernel) lets the K beams of a user read its prompt and their own
     ancestors' tokens through a mask built from that ancestry (`begin_beam_step`), which also hides the
     slots a user has not written yet (users admitted at different steps have generated different
-    numbers of tokens).  Users leaving the batch are dropped (`select`), users joining it appended
-    (`extend`).
+    numbers of tokens).
+
+    Users come and go in place: joining users are written into free places (`append`), leaving users'
+    places are filled by moving the last users into them (`select`: a user that leaves costs one user's
+    copy, not a copy of the whole batch).  Only when more users or a longer prompt arrive than the
+    storage holds is it reallocated (places grow to a power of two, so a growing batch reallocates
+    log2(users) times).  Attention reads the active users' places, the prompt part and the slots written.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor, beams: int):
+    _prompt_multiple = 1      # the prompt part is a multiple of this many positions
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor, beams: int,
+                 slots: int = _SLOT_CHUNK):
         super().__init__()
-        U, H, P, D = keys.shape
-        self.beams, self.prompt_len = beams, P
-        self.k_all = keys.new_zeros(U, H, P + _SLOT_CHUNK * beams, D)
-        self.v_all = torch.zeros_like(self.k_all)
-        self.k_all[:, :, :P], self.v_all[:, :, :P] = keys, values
-        # additive mask of the prompt part: 0, or -inf at left padding
-        self.prompt_bias = torch.zeros(U, 1, 1, P, dtype=keys.dtype, device=keys.device).masked_fill_(
-            ~prompt_mask.bool()[:, None, None, :], NEG_INF)
+        self.beams, self.slots, self.users = beams, slots, 0
+        self.k_all = self.v_all = self.prompt_bias = None
+        self.prompt_len = 0
         self.write_user = self.write_pos = self.mask = None
-        self.length = P
         self.is_initialized = True
         self.keys = self.values = None  # unused; k_all / v_all are the storage
+        self.append(keys, values, prompt_mask)
 
     @property
     def capacity(self) -> int:
+        """Generated slots the storage holds per user."""
         return (self.k_all.shape[2] - self.prompt_len) // self.beams
+
+    @property
+    def places(self) -> int:
+        return self.k_all.shape[0]
+
+    def _reallocate(self, places: int, prompt_len: int, like: torch.Tensor) -> None:
+        _, H, _, D = like.shape
+        K, P, slots = self.beams, prompt_len, self.capacity if self.k_all is not None else self.slots
+        k = like.new_zeros(places, H, P + slots * K, D)
+        v = torch.zeros_like(k)
+        bias = torch.zeros(places, 1, 1, P, dtype=like.dtype, device=like.device)
+        n = self.users
+        if n:
+            shift = P - self.prompt_len     # the prompt part grows at the front: slots keep their offset
+            k[:n, :, shift:], v[:n, :, shift:] = self.k_all[:n], self.v_all[:n]
+            bias[:n, ..., :shift] = NEG_INF
+            bias[:n, ..., shift:] = self.prompt_bias[:n]
+        self.k_all, self.v_all, self.prompt_bias, self.prompt_len = k, v, bias, P
+        self.length = P + slots * K
+        self.generation = next(_GENERATIONS)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Adds users (their prompt K/V (n, H, P, D), left-padded under prompt_mask (n, P)) after the active ones."""
+        n, _, P, _ = keys.shape
+        a, U = self.users, self.users + n
+        if self.k_all is None or U > self.places or P > self.prompt_len:
+            places = U if self.k_all is None else max(U, self.places)
+            m = self._prompt_multiple
+            self._reallocate(_bucket(places), max(-(-P // m) * m, self.prompt_len), keys)
+        Pc = self.prompt_len
+        self.k_all[a:U, :, Pc - P: Pc], self.v_all[a:U, :, Pc - P: Pc] = keys, values
+        self.prompt_bias[a:U] = NEG_INF
+        self.prompt_bias[a:U, 0, 0, Pc - P:] = torch.zeros_like(prompt_mask, dtype=keys.dtype).masked_fill_(
+            ~prompt_mask.bool(), NEG_INF)
+        self.users = U
+
+    def select(self, users: torch.Tensor, moved: list[int]) -> None:
+        """Keeps `users` (indices into the active users; the new user i is the old user users[i]), where
+        `moved` lists the i with users[i] != i: only those places are written."""
+        self.users = users.numel()
+        if moved:
+            dst = torch.tensor(moved, dtype=torch.long, device=users.device)
+            src = users[dst]
+            self.k_all[dst], self.v_all[dst] = self.k_all[src], self.v_all[src]
+            self.prompt_bias[dst] = self.prompt_bias[src]
 
     def begin_step(self, write_user: torch.Tensor, write_pos: torch.Tensor, slots: int,
                    mask: torch.Tensor) -> None:
@@ -150,10 +200,10 @@ class BeamKV(DynamicLayer):
         self.length = self.prompt_len + slots * self.beams
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """key/value_states (L, H, 1, D) of the rows that run -> every user's prompt + generated K/V."""
+        """key/value_states (L, H, 1, D) of the rows that run -> every active user's prompt + generated K/V."""
         self.k_all[self.write_user, :, self.write_pos] = key_states[:, :, 0]
         self.v_all[self.write_user, :, self.write_pos] = value_states[:, :, 0]
-        return self.k_all[:, :, : self.length], self.v_all[:, :, : self.length]
+        return self.k_all[: self.users, :, : self.length], self.v_all[: self.users, :, : self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -161,25 +211,9 @@ class BeamKV(DynamicLayer):
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.length + query_length, 0
 
-    def select(self, users: torch.Tensor) -> None:
-        """Keep `users` (indices into the current users)."""
-        self.k_all, self.v_all = self.k_all[users], self.v_all[users]
-        self.prompt_bias = self.prompt_bias[users]
-
-    def extend(self, new: "BeamKV") -> None:
-        """Appends the users of `new`, left-padding the shorter prompt part to a common length."""
-        P, cap = max(self.prompt_len, new.prompt_len), max(self.capacity, new.capacity)
-        # padding at the front shifts prompt and generated part alike: slots stay at P + s * K + k
-        pads = [(0, 0, P - layer.prompt_len, (cap - layer.capacity) * layer.beams) for layer in (self, new)]
-        self.k_all = torch.cat([F.pad(self.k_all, pads[0]), F.pad(new.k_all, pads[1])])
-        self.v_all = torch.cat([F.pad(self.v_all, pads[0]), F.pad(new.v_all, pads[1])])
-        self.prompt_bias = torch.cat([F.pad(self.prompt_bias, (pads[0][2], 0), value=NEG_INF),
-                                      F.pad(new.prompt_bias, (pads[1][2], 0), value=NEG_INF)])
-        self.prompt_len = P
-
 
 _PROMPT_CHUNK = 32   # a static KV buffer's prompt part is a multiple of this many positions
-_GENERATIONS = itertools.count()   # every (re)allocation of a StaticBeamKV storage gets a new number
+_GENERATIONS = itertools.count()   # every (re)allocation of a BeamKV storage gets a new number
 
 
 def _bucket(n: int, most: int | None = None) -> int:
@@ -189,75 +223,20 @@ def _bucket(n: int, most: int | None = None) -> int:
 
 
 class StaticBeamKV(BeamKV):
-    """A BeamKV whose storage keeps its shape and address while users come and go (static-shape step).
+    """A BeamKV for the static-shape step: its shape and address change only when it is reallocated.
 
-    Storage (U_cap, H, P_cap + slots * K, D): U_cap user places (a power of two; the first `users` are the
-    active ones, the others stale and never read by an active beam), a prompt part of P_cap positions
-    (a multiple of _PROMPT_CHUNK; a user's prompt is right-aligned in it, the rest masked) and `slots`
-    generated slots (the trie's depth: a title never needs more).  Users leaving are compacted to the
-    front in place (`select`); users joining are written into free places (`append`).  Only when more
-    users or a longer prompt arrive than it holds is it reallocated (a new `generation`: CUDA graphs
-    captured over the old storage are dropped).
+    The prompt part is a multiple of _PROMPT_CHUNK positions and the generated part has `slots` slots (the
+    trie's depth: a title never needs more), so a step never grows it; attention reads every place (the
+    stale ones are never read by an active beam) so that the shapes depend on the places, not on the
+    users.  A reallocation gives a new `generation`: CUDA graphs captured over the old storage are dropped.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor, beams: int,
-                 slots: int):
-        DynamicLayer.__init__(self)
-        self.beams, self.slots, self.users = beams, slots, 0
-        self.k_all = self.v_all = self.prompt_bias = None
-        self.prompt_len = 0
-        self.write_user = self.write_pos = self.mask = None
-        self.is_initialized = True
-        self.keys = self.values = None
-        self.append(keys, values, prompt_mask)
+    _prompt_multiple = _PROMPT_CHUNK
 
-    @property
-    def capacity(self) -> int:
-        return self.slots
-
-    @property
-    def places(self) -> int:
-        return self.k_all.shape[0]
-
-    def _reallocate(self, places: int, prompt_len: int, like: torch.Tensor) -> None:
-        _, H, _, D = like.shape
-        K, P = self.beams, prompt_len
-        k = like.new_zeros(places, H, P + self.slots * K, D)
-        v = torch.zeros_like(k)
-        bias = torch.zeros(places, 1, 1, P, dtype=like.dtype, device=like.device)
-        n = self.users
-        if n:
-            shift = P - self.prompt_len     # the prompt part grows at the front: slots keep their offset
-            k[:n, :, shift:], v[:n, :, shift:] = self.k_all[:n], self.v_all[:n]
-            bias[:n, ..., :shift] = NEG_INF
-            bias[:n, ..., shift:] = self.prompt_bias[:n]
-        self.k_all, self.v_all, self.prompt_bias, self.prompt_len = k, v, bias, P
-        self.length = P + self.slots * K
-        self.generation = next(_GENERATIONS)
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor) -> None:
-        """Adds users (their prompt K/V (n, H, P, D), left-padded under prompt_mask (n, P)) after the active ones."""
-        n, _, P, _ = keys.shape
-        a, U = self.users, self.users + n
-        if self.k_all is None or U > self.places or P > self.prompt_len:
-            places = U if self.k_all is None else max(U, self.places)
-            self._reallocate(_bucket(places), max(-(-P // _PROMPT_CHUNK) * _PROMPT_CHUNK, self.prompt_len), keys)
-        Pc = self.prompt_len
-        self.k_all[a:U, :, Pc - P: Pc], self.v_all[a:U, :, Pc - P: Pc] = keys, values
-        self.prompt_bias[a:U] = NEG_INF
-        self.prompt_bias[a:U, 0, 0, Pc - P:] = torch.zeros_like(prompt_mask, dtype=keys.dtype).masked_fill_(
-            ~prompt_mask.bool(), NEG_INF)
-        self.users = U
-
-    def select(self, users: torch.Tensor) -> None:
-        """Keeps `users` (indices into the active users), moved to the front in place."""
-        n = users.numel()
-        self.k_all[:n], self.v_all[:n] = self.k_all[users], self.v_all[users]
-        self.prompt_bias[:n] = self.prompt_bias[users]
-        self.users = n
-
-    def extend(self, new) -> None:
-        raise NotImplementedError("StaticBeamKV takes new users through append()")
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.k_all[self.write_user, :, self.write_pos] = key_states[:, :, 0]
+        self.v_all[self.write_user, :, self.write_pos] = value_states[:, :, 0]
+        return self.k_all[:, :, : self.length], self.v_all[:, :, : self.length]
 
 
 class _CUDAGraphs:
@@ -359,7 +338,7 @@ def begin_beam_step(cache, fed: torch.Tensor, run: torch.Tensor, lineage: torch.
     gen_ok = (lineage[:, :, :t, None] == columns) & written[:, None, :, None]            # (U, K, t, K)
     gen_bias = torch.zeros(U, 1, K, t * K, dtype=layers[0].k_all.dtype, device=device).masked_fill_(
         ~gen_ok.view(U, 1, K, t * K), NEG_INF)
-    mask = torch.cat([layers[0].prompt_bias.expand(U, 1, K, P), gen_bias], -1)          # (U, 1, K, P + tK)
+    mask = torch.cat([layers[0].prompt_bias[:U].expand(U, 1, K, P), gen_bias], -1)      # (U, 1, K, P + tK)
     user = torch.div(run, K, rounding_mode="floor")
     pos = P + fed[user] * K + (run - user * K)
     for layer in layers:
@@ -530,30 +509,25 @@ class BeamBatch:
         logit_row = rows_of + torch.arange(n, device=device).repeat_interleave(K)
         scores = self.assistant_of([r.key for r in reqs]) if self.assistant_of is not None else None
         fresh = act.cache is None
-        if self.static:
-            # users join the storage in place; an emptied batch keeps it (and the CUDA graphs over it)
-            self._widest = max(self._widest, self.root_degree)
-            if self._static_kv is None:
-                from transformers import DynamicCache
-
-                self._static_kv = DynamicCache()
-                self._static_kv.layers = [StaticBeamKV(layer.keys, layer.values, prefix.attention_mask, K,
-                                                       self.slots) for layer in prefix.cache.layers]
-            else:
-                for layer, new in zip(self._static_kv.layers, prefix.cache.layers):
-                    if fresh:
-                        layer.users = 0
-                    layer.append(new.keys, new.values, prefix.attention_mask)
+        if fresh and self.static and self._static_kv is not None:
+            # an emptied batch keeps its static storage (and the CUDA graphs over it)
             act.cache = self._static_kv
-        elif fresh:
+            for layer in act.cache.layers:
+                layer.users = 0
+        if act.cache is None:
             from transformers import DynamicCache
 
+            kind, slots = (StaticBeamKV, self.slots) if self.static else (BeamKV, _SLOT_CHUNK)
             act.cache = DynamicCache()
-            act.cache.layers = [BeamKV(layer.keys, layer.values, prefix.attention_mask, K)
+            act.cache.layers = [kind(layer.keys, layer.values, prefix.attention_mask, K, slots)
                                 for layer in prefix.cache.layers]
+            if self.static:
+                self._static_kv = act.cache
         else:
             for layer, new in zip(act.cache.layers, prefix.cache.layers):
-                layer.extend(BeamKV(new.keys, new.values, prefix.attention_mask, K))
+                layer.append(new.keys, new.values, prefix.attention_mask)
+        if self.static:
+            self._widest = max(self._widest, self.root_degree)
         if fresh:
             act.logits, act.sums = prefix.last_logits, sums
         else:
@@ -603,25 +577,34 @@ class BeamBatch:
                 keys.append(r.uid * N + blocked)
         act.excluded = torch.cat(keys).sort().values if keys else None
 
-    def _keep(self, kept: torch.Tensor, kept_host: list | None = None) -> None:
-        """Keeps the active users `kept` (indices, ascending; `kept_host` the same list, if known: no
-        read back): every per-user and per-row state."""
-        act, K = self.act, self.K
-        rows = (kept[:, None] * K + torch.arange(K, device=self.device)).view(-1)
+    def _keep(self, kept: list[int]) -> torch.Tensor:
+        """Keeps the active users `kept` (indices, ascending): every per-user and per-row state.
+
+        A kept user keeps its place where it can; the places of the users that leave are taken by the
+        last kept users (in the KV cache one user's copy each, not the whole batch's).  Returns the new
+        order (new user i is old user order[i]) for the caller's per-user tensors.
+        """
+        act, K, n = self.act, self.K, len(kept)
+        holes = sorted(set(range(n)).difference(kept))
+        order_host = list(range(n))
+        for h, u in zip(holes, [u for u in kept if u >= n]):
+            order_host[h] = u
+        order = torch.tensor(order_host, dtype=torch.long, device=self.device)
+        rows = (order[:, None] * K + torch.arange(K, device=self.device)).view(-1)
         for layer in act.cache.layers:
-            layer.select(kept)
+            layer.select(order, holes)
         had_excluded = act.excluded is not None
-        kept_host = kept.tolist() if kept_host is None else kept_host
-        act.reqs = [act.reqs[i] for i in kept_host]
-        act.fed_host = [act.fed_host[i] for i in kept_host]
-        act.uids, act.top_k, act.sums, act.fed = act.uids[kept], act.top_k[kept], act.sums[kept], act.fed[kept]
-        act.pool_scores, act.pool_titles = act.pool_scores[kept], act.pool_titles[kept]
-        act.base_pos, act.lineage = act.base_pos[kept], act.lineage[kept]
+        act.reqs = [act.reqs[i] for i in order_host]
+        act.fed_host = [act.fed_host[i] for i in order_host]
+        act.uids, act.top_k, act.sums, act.fed = act.uids[order], act.top_k[order], act.sums[order], act.fed[order]
+        act.pool_scores, act.pool_titles = act.pool_scores[order], act.pool_titles[order]
+        act.base_pos, act.lineage = act.base_pos[order], act.lineage[order]
         act.nodes, act.logit_row = act.nodes[rows], act.logit_row[rows]
         if act.assistant is not None:
-            act.assistant.log_mass = act.assistant.log_mass[kept]
+            act.assistant.log_mass = act.assistant.log_mass[order]
         if had_excluded:
             self._rebuild_excluded()
+        return order
 
     def retire(self, predicate) -> None:
         """Drops the active users whose request satisfies `predicate` (no result for them)."""
@@ -630,7 +613,7 @@ class BeamBatch:
             return
         if not keep:
             return self.reset()
-        self._keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+        self._keep(keep)
 
     def _result(self, u: int):
         act = self.act
@@ -735,15 +718,15 @@ class BeamBatch:
         U = len(act)
         # ---- score every candidate edge of every live beam, pick the next beams
         sums, next_nodes, next_tokens, perm, live, keep = self._select(*self._edges_flat())
-        n_keep = int(keep.sum())
-        finished = [(act.reqs[u], self._result(u)) for u in torch.nonzero(~keep).view(-1).tolist()]
+        stays = keep.tolist()
+        finished = [(act.reqs[u], self._result(u)) for u in range(U) if not stays[u]]
+        n_keep = U - len(finished)
         if n_keep == 0:
             self.reset()
             return finished
         if n_keep < U:
-            kept = torch.nonzero(keep).view(-1)
-            self._keep(kept)
-            perm, next_tokens, live = perm[kept], next_tokens[kept], live[kept]
+            order = self._keep([u for u in range(U) if stays[u]])
+            perm, next_tokens, live = perm[order], next_tokens[order], live[order]
         act = self.act
         self._advance_lineage(perm)
 
@@ -777,10 +760,8 @@ class BeamBatch:
             self.reset()
             return finished
         if n_keep < U:
-            kept_host = [u for u in range(U) if stays[u]]
-            kept = torch.tensor(kept_host, dtype=torch.long, device=device)
-            self._keep(kept, kept_host)
-            perm, next_tokens, live = perm[kept], next_tokens[kept], live[kept]
+            order = self._keep([u for u in range(U) if stays[u]])
+            perm, next_tokens, live = perm[order], next_tokens[order], live[order]
         act = self.act
         self._advance_lineage(perm)
 
