@@ -151,6 +151,15 @@ async def closed_loop(url: str, histories: list[list[str]], clients: int, second
     return summarize(clients, [(seconds, lat, window, statuses, sent[0], dropped[0])])
 
 
+def run_loop(coro):
+    """Runs the load generator's coroutine on uvloop when installed (less client CPU per request)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def summarize(clients: int, runs: list[tuple]) -> dict:
     """Pools (seconds, latencies, window statuses, all statuses, sent, dropped) of runs at one concurrency."""
     seconds = sum(r[0] for r in runs)
@@ -247,7 +256,8 @@ def main() -> None:
             print(f"server list == `latentr3 eval` list: {result['eval_lists_equal']}", flush=True)
         # Rounds: the in-process baseline (server idle) and every level in turn, so that a change in
         # the machine's load (a shared machine) hits all of them alike.
-        inproc, runs, cpu_share = [], {c: [] for c in args.levels}, {c: [] for c in args.levels}
+        inproc, runs = [], {c: [] for c in args.levels}
+        cpu_share, client_share = {c: [] for c in args.levels}, {c: [] for c in args.levels}
         per_round = max(1, args.inproc_users // args.rounds)
         for rnd in range(args.rounds):
             for h in histories[rnd * per_round: (rnd + 1) * per_round]:
@@ -255,9 +265,11 @@ def main() -> None:
                 rec.recommend([h], k=args.k)
                 inproc.append(time.perf_counter() - t0)
             for c in args.levels:
-                cpu0, t0 = process_cpu_seconds(proc.pid), time.perf_counter()
-                r = asyncio.run(closed_loop(url, histories, c, args.seconds, args.warmup, args.k))
-                cpu_share[c].append((process_cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - t0))
+                cpu0, mine0, t0 = process_cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
+                r = run_loop(closed_loop(url, histories, c, args.seconds, args.warmup, args.k))
+                wall = time.perf_counter() - t0
+                cpu_share[c].append((process_cpu_seconds(proc.pid) - cpu0) / wall)
+                client_share[c].append((time.process_time() - mine0) / wall)
                 runs[c] += r["runs"]
                 print(f"  round {rnd + 1} concurrency {c:>3}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
                       f"statuses {r['statuses']}, dropped {r['dropped']}", flush=True)
@@ -268,6 +280,7 @@ def main() -> None:
         for r in levels:
             del r["runs"]
             r["server_cpu_share"] = statistics.mean(cpu_share[r["clients"]])
+            r["client_cpu_share"] = statistics.mean(client_share[r["clients"]])
         result["levels"] = levels
     finally:
         result["main_exit"] = stop_server(proc)
@@ -276,7 +289,7 @@ def main() -> None:
                              "--admit-at", str(args.admit_at), "--max-queue", str(args.overload_queue),
                              "--timeout-s", str(args.overload_timeout), *workers)
     try:
-        over = asyncio.run(closed_loop(url, histories, args.overload_clients, args.overload_seconds, 0.0, args.k))
+        over = run_loop(closed_loop(url, histories, args.overload_clients, args.overload_seconds, 0.0, args.k))
         del over["runs"]
     finally:
         result["overload_exit"] = stop_server(proc)
@@ -284,12 +297,13 @@ def main() -> None:
     result["overload"] = {**over, "other_statuses": bad}
 
     by_c = {r["clients"]: r for r in levels}
-    print("\n| concurrency | requests/s | p50 ms | p95 ms | p99 ms | answers | non-200 | server CPU (cores) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| concurrency | requests/s | p50 ms | p95 ms | p99 ms | answers | non-200 | server CPU (cores) "
+          "| client CPU (cores) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in levels:
         non200 = r["window_answers"] - r["window_ok"]
         print(f"| {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['window_answers']} | {non200} | {r['server_cpu_share']:.2f} |")
+              f"{r['window_answers']} | {non200} | {r['server_cpu_share']:.2f} | {r['client_cpu_share']:.2f} |")
     print(f"\nin-process recommend (one user): {result['inproc_ms']:.1f} ms median; HTTP overhead per request "
           f"(paired): {result['http_overhead_ms']:.1f} ms")
     print(f"overload ({args.overload_clients} clients, max_queue {args.overload_queue}, timeout "
