@@ -3,7 +3,7 @@
 One engine thread owns the model and runs `decoding.engine.DecodingEngine` (the decoder offline
 evaluation and `Recommender.recommend` use); each HTTP request submits its user(s) and awaits an
 asyncio future, so concurrent requests are decoded together and each is answered as soon as its own
-beams finish.
+beams finish.  `--workers N` runs N such processes on one port (SO_REUSEPORT, see `_supervise`).
 
     POST /v1/recommend         {"history": [...], "k": 10, "exclude_history": false,
                                 "allow_free_text": false, "explain": false}
