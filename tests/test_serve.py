@@ -384,7 +384,8 @@ def test_workers_that_cannot_load_stop_the_supervisor(tmp_path):
 def test_serve_rejects_bad_options_before_loading(tmp_path, capsys):
     from latentr3.cli import main
 
-    for opt, value in (("--timeout-s", "0"), ("--max-batch-users", "0"), ("--admit-at", "99"), ("--port", "70000")):
+    for opt, value in (("--timeout-s", "0"), ("--max-batch-users", "0"), ("--admit-at", "99"), ("--port", "70000"),
+                       ("--workers", "0")):
         assert main(["serve", "--model", str(tmp_path / "missing"), opt, value]) == 2
         assert opt in capsys.readouterr().err
 

@@ -125,7 +125,8 @@ class BeamKV(DynamicLayer):
     log2(users) times).  Attention reads the active users' places, the prompt part and the slots written.
     """
 
-    _prompt_multiple = 1      # the prompt part is a multiple of this many positions
+    _prompt_multiple = 1          # the prompt part is a multiple of this many positions
+    _reads_every_place = False    # attention reads the active users only
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor, beams: int,
                  slots: int = _SLOT_CHUNK):
@@ -200,10 +201,12 @@ class BeamKV(DynamicLayer):
         self.length = self.prompt_len + slots * self.beams
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """key/value_states (L, H, 1, D) of the rows that run -> every active user's prompt + generated K/V."""
+        """key/value_states (L, H, 1, D) of the rows that run -> the prompt + generated K/V that attention
+        reads: the active users' (every place's for the static step)."""
         self.k_all[self.write_user, :, self.write_pos] = key_states[:, :, 0]
         self.v_all[self.write_user, :, self.write_pos] = value_states[:, :, 0]
-        return self.k_all[: self.users, :, : self.length], self.v_all[: self.users, :, : self.length]
+        n = self.places if self._reads_every_place else self.users
+        return self.k_all[:n, :, : self.length], self.v_all[:n, :, : self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -232,11 +235,7 @@ class StaticBeamKV(BeamKV):
     """
 
     _prompt_multiple = _PROMPT_CHUNK
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.k_all[self.write_user, :, self.write_pos] = key_states[:, :, 0]
-        self.v_all[self.write_user, :, self.write_pos] = value_states[:, :, 0]
-        return self.k_all[:, :, : self.length], self.v_all[:, :, : self.length]
+    _reads_every_place = True
 
 
 class _CUDAGraphs:
