@@ -292,16 +292,22 @@ def test_a_client_that_disconnects_mid_request_is_dropped_and_others_are_served(
     assert r.status_code == 200 and [i["title"] for i in r.json()["items"]] == [w.title for w in want]
 
 
-def test_sigterm_drains_accepted_requests_refuses_new_ones_and_exits_0(servers):
-    srv = servers["main"]                   # the last test on this server
+def batch_requests_in_threads(srv: Server, requests: int, users: int):
+    """Starts `requests` threads, each sending one batch request of `users` histories; (threads, responses)."""
     results = []
 
     def ask():
-        results.append(srv.post("/v1/recommend/batch", {"histories": [HISTORIES[i % 6] for i in range(12)]}))
+        results.append(srv.post("/v1/recommend/batch", {"histories": [HISTORIES[i % 6] for i in range(users)]}))
 
-    threads = [threading.Thread(target=ask) for _ in range(3)]
+    threads = [threading.Thread(target=ask) for _ in range(requests)]
     for t in threads:
         t.start()
+    return threads, results
+
+
+def test_sigterm_drains_accepted_requests_refuses_new_ones_and_exits_0(servers):
+    srv = servers["main"]                   # the last test on this server
+    threads, results = batch_requests_in_threads(srv, 3, 12)
     for _ in range(500):                    # until all three are accepted (36 users, 4 decoded at once)
         health = httpx.get(srv.url + "/healthz").json()
         if health["queue_depth"] + health["active_users"] > 24:
@@ -351,14 +357,7 @@ def test_workers_share_the_port_answer_alike_are_restarted_and_drain(servers, re
                 break
             time.sleep(0.1)
         assert sorted(again) == [0, 1] and again[1] != seen[1] and again[0] == seen[0], (seen, again, srv.output())
-        results = []
-
-        def ask():
-            results.append(srv.post("/v1/recommend/batch", {"histories": [HISTORIES[i % 6] for i in range(8)]}))
-
-        threads = [threading.Thread(target=ask) for _ in range(4)]
-        for t in threads:
-            t.start()
+        threads, results = batch_requests_in_threads(srv, 4, 8)
         time.sleep(0.3)
         srv.proc.send_signal(signal.SIGTERM)
         for t in threads:

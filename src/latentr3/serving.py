@@ -504,17 +504,20 @@ def _build_server(settings: ServeSettings, worker: int = 0) -> "_DrainingServer"
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    tag = f" [worker {worker}]" if settings.workers > 1 else ""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+    _configure_logging(settings, f" [worker {worker}]" if settings.workers > 1 else "")
     rec = Recommender.from_pretrained(settings.model, catalogue=settings.catalogue, device=settings.device,
                                       dtype=settings.dtype, num_beams=settings.num_beams)
     app = create_app(rec, settings, worker)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, timeout_graceful_shutdown=settings.timeout_s + 5)
-    log.info("latentr3 serve: %s on http://%s:%d (max_batch_users %d, max_queue %d, timeout %.1fs)", settings.model, settings.host, settings.port, settings.max_batch_users, settings.max_queue,
+    log.info("latentr3 serve: %s on http://%s:%d (max_batch_users %d, max_queue %d, timeout %.1fs)",
+             settings.model, settings.host, settings.port, settings.max_batch_users, settings.max_queue,
              settings.timeout_s)
     return _DrainingServer(config, app)
+
+
+def _configure_logging(settings: ServeSettings, tag: str = "") -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
 
 
 # ----------------------------------------------------------------------------------- several workers
@@ -524,14 +527,20 @@ def _build_server(settings: ServeSettings, worker: int = 0) -> "_DrainingServer"
 # fails while loading forever.  Here every worker loads its model, reports ready, and only when all are
 # ready does each bind its own SO_REUSEPORT socket: from then on the kernel spreads new connections over
 # them evenly by address hash.  SIGTERM / SIGINT is forwarded; each worker drains as a single server does.
-def _reuseport_socket(host: str, port: int) -> socket.socket:
+def _bound_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """A TCP socket bound to host:port (SO_REUSEPORT: shared with the other workers)."""
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP (without it
     # Nagle's algorithm and delayed ACKs add ~40 ms to a small answer)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(addr)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -545,7 +554,7 @@ def _worker_main(settings: ServeSettings, worker: int, ready, go) -> None:
         sys.exit(2)
     ready.put(worker)
     go.wait()
-    sock = _reuseport_socket(settings.host, settings.port)
+    sock = _bound_socket(settings.host, settings.port)
     server.run(sockets=[sock])
 
 
@@ -553,13 +562,12 @@ def _supervise(settings: ServeSettings) -> int:
     """Starts settings.workers worker processes on one port; returns 0 when all drained and exited 0."""
     import multiprocessing as mp
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings)
     if settings.port == 0:
         log.error("--workers %d needs a fixed --port (with port 0 every worker would get its own)", settings.workers)
         return 2
     try:                              # the port must be free: the workers' SO_REUSEPORT binds would share it
-        with socket.socket(socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)[0][0]) as probe:
-            probe.bind((settings.host, settings.port))
+        _bound_socket(settings.host, settings.port, reuse_port=False).close()
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
         return 1

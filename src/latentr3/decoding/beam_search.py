@@ -123,6 +123,8 @@ class BeamKV(DynamicLayer):
     copy, not a copy of the whole batch).  Only when more users or a longer prompt arrive than the
     storage holds is it reallocated (places grow to a power of two, so a growing batch reallocates
     log2(users) times).  Attention reads the active users' places, the prompt part and the slots written.
+    `slots`: generated slots allocated at first (more are added _SLOT_CHUNK at a time when a title runs
+    longer).
     """
 
     _prompt_multiple = 1          # the prompt part is a multiple of this many positions
