@@ -10,6 +10,13 @@ the tree before the grouped step (7f0ee66), whose "two passes, keep" variant is 
 issue 15 was filed: that one 158 / 191 / 212 samples/s, the current default 446 / 486 / 450 (2.4x by
 medians, 2.1-2.8x by pair; without jemalloc both are slower and noisier, 1.9-2.1x).  Earlier, with a
 2-thread training run beside it, at 32 prompts (`--prompts 32 --micro 8`): 139 as filed, 278 then.
+Re-measured later on another day's host, same command, three runs alternating with 7f0ee66: as filed 338 / 328 / 345,
+current default 748 / 753 / 763 samples/s (2.21x / 2.29x / 2.21x; one earlier run that day 1.94x).  Where the
+remaining ~16-21 ms go (1 thread): matmuls ~4 ms at ~190 GFLOP/s (this CPU's peak at these shapes), the
+rest small kernels and their dispatch (prompt prefill ~3 ms, of which ~1 ms matmul).  Tried and not kept:
+a hand-written backward for the frozen backbone (autograd bypassed, the LM head's log-softmax gradient
+formed in the forward): same log-probs and gradients, 1.5 % faster; `torch.compile` of the grouped pass
++ log-softmax: 0.8x with dynamic shapes, 1.04x with static ones (recompiled for every new batch shape).
 The reference-style step: 16 samples/s.  `--profile` (20 steps, by operator and by input shape): at
 2 prompts the step is ~36 ms of small GEMMs (LM head 144 x 4097 forward and backward ~10 ms with its
 log-softmax), the prompt prefill ~9 ms and the autograd backward ~17 ms; per-step Python is a few ms.
