@@ -10,8 +10,9 @@ the tree before the grouped step (7f0ee66), whose "two passes, keep" variant is 
 issue 15 was filed: that one 158 / 191 / 212 samples/s, the current default 446 / 486 / 450 (2.4x by
 medians, 2.1-2.8x by pair; without jemalloc both are slower and noisier, 1.9-2.1x).  Earlier, with a
 2-thread training run beside it, at 32 prompts (`--prompts 32 --micro 8`): 139 as filed, 278 then.
-Re-measured later on another day's host, same command, three runs alternating with 7f0ee66: as filed 338 / 328 / 345,
-current default 748 / 753 / 763 samples/s (2.21x / 2.29x / 2.21x; one earlier run that day 1.94x).  Where the
+Re-measured later on another day's host, same command, three runs alternating with 7f0ee66: as filed
+338 / 328 / 345, current default 748 / 753 / 763 samples/s (2.21x / 2.29x / 2.21x; one earlier run that day,
+505 vs 981, 1.94x).  Where the
 remaining ~16-21 ms go (1 thread): matmuls ~4 ms at ~190 GFLOP/s (this CPU's peak at these shapes), the
 rest small kernels and their dispatch (prompt prefill ~3 ms, of which ~1 ms matmul).  Tried and not kept:
 a hand-written backward for the frozen backbone (autograd bypassed, the LM head's log-softmax gradient

@@ -44,7 +44,8 @@ the padded pass.  On a later day's faster host (same command) the floor itself w
 single pass 3.51 samples/s, 162.0 model GFLOP/s, 52 % of it, 1.25x the padded pass.  The ratio moves with
 the host because the matmul share speeds up more than the small kernels.  A torch.profiler run of that
 step: mm 63 % of self time, mul / add / fill_ 14 % (about 1,160 zero-fills per step), SDPA forward +
-backward 5 %, fused AdamW 2.5 %, per-parameter grad norms 1.2 %.  Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
+backward 5 %, fused AdamW 2.5 %, per-parameter grad norms 1.2 %.
+Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
 1.36x (paper template) and 1.55x (short) the padded pass, 3.18x / 4.11x two-pass.
 """
 from __future__ import annotations
