@@ -318,9 +318,11 @@ def test_sigterm_drains_accepted_requests_refuses_new_ones_and_exits_0(servers):
     # the late request goes as soon as the server says it is draining: a fixed sleep raced the drain,
     # which a fast host finished (and closed the socket) within 0.2 s
     for _ in range(500):
-        if httpx.get(srv.url + "/healthz").status_code == 503:
+        draining = httpx.get(srv.url + "/healthz")
+        if draining.status_code == 503:
             break
         time.sleep(0.005)
+    assert draining.status_code == 503
     late = srv.post("/v1/recommend", {"history": [100]})
     assert late.status_code == 503 and late.json()["error"] == "shutting_down"
     for t in threads:
