@@ -106,11 +106,13 @@ def servers(tmp_path_factory):
     main = Server(ckpt, "--max-batch-users", "4", "--max-queue", "64", "--max-body-bytes", "4000")
     busy = Server(ckpt, "--max-batch-users", "1", "--max-queue", "1")
     late = Server(ckpt, "--timeout-s", "0.001")
-    started = [main, busy, late]
+    drain = Server(ckpt, "--max-batch-users", "1", "--max-queue", "200")    # one user at a time: a slow drain
+    started = [main, busy, late, drain]
     try:
         for s in started:                 # the three start in parallel
             s.wait_ready()
-        yield {"ckpt": ckpt, "titles": titles, "main": main, "busy": busy, "late": late}
+        yield {"ckpt": ckpt, "titles": titles, "main": main, "busy": busy, "late": late,
+               "drain": drain}
     finally:
         for s in started:
             s.stop()
@@ -170,13 +172,14 @@ def test_answers_equal_recommender_recommend_inside_a_busy_batch(servers, recomm
 def test_model_health_metrics_openapi_and_explain(servers, recommender):
     srv = servers["main"]
     health = httpx.get(srv.url + "/healthz").json()
-    assert health["model_loaded"] and health["queue_depth"] >= 0
+    assert health["model_loaded"] and health["queue_depth"] >= 0 and health["requests_decoding"] == 0
     info = httpx.get(srv.url + "/v1/model").json()
     assert info["catalogue_items"] == 40 and info["catalogue_titles"] == 39
     assert info["decoding"]["num_beams"] == 10 and info["serving"]["max_batch_users"] == 4
     text = httpx.get(srv.url + "/metrics").text
     for name in ("latentr3_requests_total", "latentr3_queue_depth", "latentr3_active_users",
-                 "latentr3_batch_users_bucket", "latentr3_request_latency_seconds_bucket"):
+                 "latentr3_requests_decoding", "latentr3_batch_users_bucket",
+                 "latentr3_request_latency_seconds_bucket"):
         assert name in text, name
     spec = httpx.get(srv.url + "/openapi.json").json()
     assert {"/v1/recommend", "/v1/recommend/batch", "/healthz", "/v1/model", "/metrics"} <= set(spec["paths"])
@@ -306,14 +309,16 @@ def batch_requests_in_threads(srv: Server, requests: int, users: int):
 
 
 def test_sigterm_drains_accepted_requests_refuses_new_ones_and_exits_0(servers):
-    srv = servers["main"]                   # the last test on this server
+    srv = servers["drain"]
     threads, results = batch_requests_in_threads(srv, 5, 12)
-    for _ in range(500):                    # until all five are accepted (60 users, 4 decoded at once)
+    # SIGTERM goes once all five requests are accepted and users still wait. (A threshold on the queue
+    # alone never fired on a fast host that decoded as fast as the requests came.)
+    for _ in range(1000):
         health = httpx.get(srv.url + "/healthz").json()
-        if health["queue_depth"] + health["active_users"] > 48:
+        if health["requests_decoding"] == 5 and health["queue_depth"] > 0:
             break
-        time.sleep(0.01)
-    assert health["queue_depth"] > 0
+        time.sleep(0.005)
+    assert health["requests_decoding"] == 5 and health["queue_depth"] > 0, health
     srv.proc.send_signal(signal.SIGTERM)
     # the late request goes as soon as the server says it is draining: a fixed sleep raced the drain,
     # which a fast host finished (and closed the socket) within 0.2 s

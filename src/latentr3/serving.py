@@ -10,7 +10,7 @@ beams finish.  `--workers N` runs N such processes on one port (SO_REUSEPORT, se
                                -> {"items": [{"title", "item_ids", "score"}], "latency_ms"}
     POST /v1/recommend/batch   {"histories": [[...], ...], ...same options}
                                -> {"results": [{"items": [...]}, ...], "latency_ms"}
-    GET  /healthz              model loaded, queue depth (503 while draining)
+    GET  /healthz              model loaded, queue depth, requests decoding (503 while draining)
     GET  /v1/model             checkpoint, catalogue size, decoding settings
     GET  /metrics              Prometheus text (prometheus_client)
 
@@ -143,7 +143,7 @@ def _schemas(s: ServeSettings):
 
 # ----------------------------------------------------------------------------------- metrics
 class _Metrics:
-    def __init__(self, engine, worker: int = 0):
+    def __init__(self, engine, state: dict, worker: int = 0):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
         disable_created_metrics()      # no *_created series: they double the page and nobody graphs them
@@ -159,6 +159,8 @@ class _Metrics:
         Gauge("latentr3_queue_depth", "users waiting for a place in the batch",
               registry=r).set_function(lambda: engine.queue_depth)
         Gauge("latentr3_active_users", "users being decoded", registry=r).set_function(lambda: engine.active)
+        Gauge("latentr3_requests_decoding", "recommend requests accepted and not yet answered",
+              registry=r).set_function(lambda: state["decoding"])
         Gauge("latentr3_worker", "index of the worker process answering this scrape (serve --workers)",
               registry=r).set(worker)
         r.register(_EngineCounters(engine))
@@ -284,8 +286,10 @@ def create_app(recommender, settings: ServeSettings, worker: int = 0):
         settings.admit_at = max(1, settings.max_batch_users // 4)
     engine = recommender.new_engine(settings.num_beams, settings.max_batch_users, admit_at=settings.admit_at,
                                     max_queue=settings.max_queue, on_step=on_step)
-    metrics = holder["metrics"] = _Metrics(engine, worker)
-    state = {"draining": False, "inflight": 0, "latency_ewma": 0.0}
+    # inflight: HTTP requests of any endpoint being handled; decoding: recommend requests whose users are
+    # in the engine and not yet answered (what a drain still owes)
+    state = {"draining": False, "inflight": 0, "decoding": 0, "latency_ewma": 0.0}
+    metrics = holder["metrics"] = _Metrics(engine, state, worker)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -349,6 +353,14 @@ def create_app(recommender, settings: ServeSettings, worker: int = 0):
             return error(429, "queue_full", str(e), {"Retry-After": retry_after()})
         except EngineClosed:
             return error(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+        state["decoding"] += 1
+        try:
+            return await answer(request, reqs, futures, body, t0)
+        finally:
+            state["decoding"] -= 1
+
+    async def answer(request: Request, reqs: list, futures: list, body, t0: float) -> tuple[list, float] | JSONResponse:
+        """Awaits the engine's futures of one accepted request (or the client's disconnect or the deadline)."""
         waiting = [asyncio.wrap_future(f) for f in futures]
         gone = asyncio.ensure_future(_disconnected(request))
         give_up = t0 + settings.timeout_s + 1.0     # the engine's own deadline fires first
@@ -420,6 +432,7 @@ def create_app(recommender, settings: ServeSettings, worker: int = 0):
     async def healthz():
         body = {"status": "draining" if state["draining"] else "ok", "model_loaded": True,
                 "queue_depth": engine.queue_depth, "active_users": engine.active,
+                "requests_decoding": state["decoding"],
                 "worker": worker, "workers": settings.workers, "pid": os.getpid()}
         return JSONResponse(body, 503 if state["draining"] else 200)
 
