@@ -4,25 +4,28 @@ Run (jemalloc for stable timings; `apt-get install -y libjemalloc2`):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python benchmarks/bench_grpo.py --threads 1 --rounds 5
 
-(--threads 1 keeps timings stable on a shared machine.)  Measured on the quiet 2-core CPU dev box, 1 thread,
-jemalloc, 2 prompts x 8 samples (`--prompts 2 --micro 2 --rounds 8`), three runs each alternating with
-the tree before the grouped step (7f0ee66), whose "two passes, keep" variant is the step as it was when
-issue 15 was filed: that one 158 / 191 / 212 samples/s, the current default 446 / 486 / 450 (2.4x by
-medians, 2.1-2.8x by pair; without jemalloc both are slower and noisier, 1.9-2.1x).  Earlier, with a
-2-thread training run beside it, at 32 prompts (`--prompts 32 --micro 8`): 139 as filed, 278 then.
-Re-measured later on another day's host, same command, three runs alternating with 7f0ee66: as filed
-338 / 328 / 345, current default 748 / 753 / 763 samples/s (2.21x / 2.29x / 2.21x; one earlier run that day,
-505 vs 981, 1.94x).  Where the
+(--threads 1 keeps timings stable on a shared machine.)  Each round runs every variant for --block (10)
+consecutive steps, in an order that rotates round by round (see the timing loop for why).
+
+Measured on the 2-core dev box, 1 thread, jemalloc, 2 prompts x 8 samples (`--prompts 2 --micro 2
+--rounds 6`), three runs alternating with the tree before the grouped step (7f0ee66, its timing loop
+patched to the same blocks), whose "two passes, keep" variant is the step as it was when issue 15 was
+filed: that one 314 / 293 / 321 samples/s, the current default 914 / 804 / 877 (2.91x / 2.74x / 2.73x);
+the fused LM head + target log-prob (`linear_logprobs`) is 1.03-1.06x of it ("logits head" 886 / 772 /
+824).  Earlier runs timed one step per variant per round in a fixed order (the default always right
+after the reference step): as filed 338 / 328 / 345, then-current 748 / 753 / 763 (2.21-2.29x), and on a
+slower day 158 / 191 / 212 vs 446 / 486 / 450.  At 32 prompts (`--prompts 32 --micro 8`), with a 2-thread
+training run beside it: 139 as filed, 278 then.  Where the
 remaining ~16-21 ms go (1 thread): matmuls ~4 ms at ~190 GFLOP/s (this CPU's peak at these shapes), the
 rest small kernels and their dispatch (prompt prefill ~3 ms, of which ~1 ms matmul).  Tried and not kept:
 a hand-written backward for the frozen backbone (autograd bypassed, the LM head's log-softmax gradient
 formed in the forward): same log-probs and gradients, 1.5 % faster; `torch.compile` of the grouped pass
 + log-softmax: 0.8x with dynamic shapes, 1.04x with static ones (recompiled for every new batch shape).
-The reference-style step: 16 samples/s.  `--profile` (20 steps, by operator and by input shape): at
-2 prompts the step is ~36 ms of small GEMMs (LM head 144 x 4097 forward and backward ~10 ms with its
-log-softmax), the prompt prefill ~9 ms and the autograd backward ~17 ms; per-step Python is a few ms.
+`--profile` (20 steps, by operator and by input shape), at 2 prompts, this tree: 17.9 ms of operator
+time per step (20.8 ms with the logits head, whose log-softmax and its backward took 2.6 ms), the LM head's
+two 144 x 128 x 4097 matmuls 2.9 ms, the six 144 x 128 x 512 MLP matmuls 1.0 ms.
 
-Options: --prompts 16 --micro 4 --generations 8 --history 10 --rounds 3 --threads 0 (0 = torch default)
+Options: --prompts 16 --micro 4 --generations 8 --history 10 --rounds 3 --block 10 --threads 0 (0 = torch default)
 --device cpu|cuda --hidden 128 --layers 2, --profile (torch profiler table of 20 steps of ours).
 
 The reference step follows the authors' design: every prompt is repeated G times and run in full for
@@ -35,7 +38,8 @@ optimizer steps on the same batch and noise; the variants are interleaved round 
 
 Variants: "single pass (default)" is what `train_grpo` runs (grpo.single_pass, grpo.share_prompt_prefix:
 the instruction prefilled once per run, the G samples as one set of queries over each prompt's KV);
-"no shared" prefills whole prompts every step.
+"no shared" prefills whole prompts every step; "logits head" scores the targets from full (rows, vocab)
+logits instead of `linear_logprobs`.
 
 `reference_loss` is also the executable specification the tests compare our loss and gradients to.
 """
@@ -112,6 +116,20 @@ def _words(rng, n):
                      for _ in range(rng.randint(1, 4))) for _ in range(n)]
 
 
+def _with_logits_head(step):
+    """`step()` with the samples' target log-probs taken from full (rows, vocab) logits (LM head, then
+    `gather_logprobs`) instead of `linear_logprobs`: what that fusion saves."""
+    from latentr3.model import latent_rollout
+    from latentr3.model.latent_lm import gather_logprobs
+
+    fused = latent_rollout.linear_logprobs
+    latent_rollout.linear_logprobs = lambda h, head, labels: gather_logprobs(head(h), labels)
+    try:
+        return step()
+    finally:
+        latent_rollout.linear_logprobs = fused
+
+
 class _OneProcess:
     num_processes, process_index = 1, 0
 
@@ -129,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--history", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block", type=int, default=10, help="consecutive steps of a variant per round")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -193,6 +212,8 @@ def main(argv=None):
         "ours, single pass (default)": lambda: grpo.grpo_step(model, opt, sched, micro_cut, noise, g,
                                                                _OneProcess(), shared=shared),
         "ours, single pass, no shared": lambda: grpo.grpo_step(model, opt, sched, micro, noise, g, _OneProcess()),
+        "ours, single pass, logits head": lambda: _with_logits_head(
+            lambda: grpo.grpo_step(model, opt, sched, micro_cut, noise, g, _OneProcess(), shared=shared)),
         "ours, two passes, keep": lambda: grpo.grpo_step(
             model, opt, sched, micro_cut, noise, GRPOConfig(**{**g.__dict__, "single_pass": False}), _OneProcess(),
             shared=shared),
@@ -218,13 +239,20 @@ def main(argv=None):
     times = {k: [] for k in variants}
     for fn in variants.values():  # warm-up
         fn()
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
+    names = list(variants)
+    for r in range(args.rounds):
+        # Each round runs every variant for --block consecutive steps (as training does; the reference,
+        # ~25x slower, one step), in an order that rotates round by round.  Single interleaved steps
+        # measured the cache state the previous variant left: a step right after the reference ran ~10 %
+        # slower, and a variant allocating other buffers than its neighbour paid for that.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = variants[name], 1 if name.startswith("reference") else args.block
             sync()
             t = time.perf_counter()
-            fn()
+            for _ in range(n):
+                fn()
             sync()
-            times[name].append(time.perf_counter() - t)
+            times[name].append((time.perf_counter() - t) / n)
     samples = args.prompts * G
     ref = statistics.median(times["reference (4 full forwards)"])
     print(f"\n{'step':32s} {'median s/step':>14s} {'samples/s':>10s} {'speed-up':>9s}  per-round s")

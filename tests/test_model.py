@@ -10,7 +10,7 @@ from latentr3.model.backbones import (
     LATENT_TOKEN, add_latent_token, tiny_qwen2, tiny_tokenizer_corpus, train_tiny_tokenizer)
 from latentr3.model.build import build_model
 from latentr3.data.dataset import left_pad, right_pad
-from latentr3.model.latent_lm import LatentR3Model
+from latentr3.model.latent_lm import LatentR3Model, gather_logprobs, linear_logprobs
 from latentr3.model.latent_ratt import LatentRATT
 
 HIDDEN = 32
@@ -299,6 +299,30 @@ def test_lean_paths_apply_only_where_they_are_exact(tok):
     model.backbone.config.attention_dropout = 0.0
     next(model.backbone.parameters()).ds_id = 0          # a DeepSpeed ZeRO-3 parameter
     assert model.lean_family() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_linear_logprobs_equal_the_head_then_log_softmax(dtype, train_head):
+    """The fused LM head + target log-prob gives the log-probs and the gradients (hidden states; the
+    head's weight when it trains) of `gather_logprobs(head(h))`, repeated labels included."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(dtype).requires_grad_(train_head)
+    h = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    labels = torch.randint(50, (3, 7))
+    labels[0, :3] = 5                                        # one token several times in a row
+    grad = torch.randn(3, 7)
+    wants = [h] + ([head.weight] if train_head else [])
+    ref = gather_logprobs(head(h), labels)
+    got = linear_logprobs(h, head, labels)
+    assert got.dtype == torch.float32 and got.shape == (3, 7)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    for a, b in zip(torch.autograd.grad(got, wants, grad), torch.autograd.grad(ref, wants, grad)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    biased = torch.nn.Linear(16, 50)                         # not fused: the same numbers through the head
+    torch.testing.assert_close(linear_logprobs(h.float(), biased, labels), gather_logprobs(biased(h.float()), labels))
 
 
 def test_gradients_reach_latent_ratt_and_backbone(tok, titles):

@@ -179,6 +179,52 @@ def _sharded(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") or type(p).__name__ in ("FlatParameter", "DTensor") for p in module.parameters())
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    """log softmax(h W^T)[labels] with the softmax kept from the forward for the backward.
+
+    Written by hand because autograd's route (linear, log-softmax, gather) passes over the (rows, vocab)
+    logits five times more in the backward: a zero-filled gradient for the gather, its scatter and the
+    log-softmax backward's exp, where d logp / d logits = onehot - p needs only p.  No well-kept CPU
+    library fuses it (Liger's fused linear cross-entropy is Triton, GPU only).  fp32 softmax, logits
+    in the weight's dtype as `lm_head(h).float()`.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels):
+        logits = F.linear(h, weight).float()
+        target = logits.gather(1, labels[:, None]).squeeze(1)
+        top = logits.amax(1, keepdim=True)
+        e = logits.sub_(top).exp_()              # in place: the (rows, vocab) buffer becomes exp(logit - max)
+        total = e.sum(1)
+        ctx.save_for_backward(h, weight, labels, e, total)
+        return target - top.squeeze(1) - total.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, weight, labels, e, total = ctx.saved_tensors
+        grad_h = grad_w = None
+        scale = (grad / total)[:, None]                              # p = e / total
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad[:, None] * weight[labels].float() - (e.to(weight.dtype) @ weight).float() * scale
+                      ).to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            g = e.mul_(-scale)                                       # d/d logits = grad * (onehot - p)
+            g[torch.arange(len(labels), device=g.device), labels] += grad
+            grad_w = (g.to(h.dtype).t() @ h).to(weight.dtype)
+        return grad_h, grad_w, None
+
+
+def linear_logprobs(h: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(h))[labels] in fp32, h (..., D), labels (...): `gather_logprobs(head(h), labels)`
+    without the (rows, vocab) log-softmax and its gradient (see `_LinearLogprobs`).  Any head other than
+    a bias-free nn.Linear goes through `gather_logprobs`."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return gather_logprobs(head(h), labels)
+    out = _LinearLogprobs.apply(h.reshape(-1, h.shape[-1]), head.weight, labels.reshape(-1))
+    return out.view(labels.shape)
+
+
 def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[labels], in fp32.
 
@@ -430,7 +476,7 @@ class LatentR3Model(nn.Module):
         T = target_ids.shape[1]
         h, rows, _ = packed_pass(fam, cont, target_mask, start[:, None] + torch.arange(T, device=start.device),
                                  layer_kv(prefix.cache), prefix.attention_mask)
-        logp = -F.cross_entropy(fam.lm_head(h).float(), rows.pack(target_ids), reduction="none")
+        logp = linear_logprobs(h, fam.lm_head, rows.pack(target_ids))
         return rows.unpack(logp)
 
     # ------------------------------------------------------------------ reference two-pass design

@@ -19,7 +19,7 @@ import copy
 
 import torch
 
-from .latent_lm import LatentR3Model, Prefix, gather_logprobs, layer_kv
+from .latent_lm import LatentR3Model, Prefix, layer_kv, linear_logprobs
 from .llama_family import grouped_continuations
 
 
@@ -113,9 +113,10 @@ def sample_logprobs(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.T
     if T > 1:
         tgt = model.backbone.get_input_embeddings()(target_ids[:, :-1])                      # (P, T-1, D)
         embeds.append(tgt[:, None].expand(P, G, T - 1, tgt.shape[-1]))
-    logits = grouped_continuations(model.lean_family(), layer_kv(prefix.cache), prefix.attention_mask,
-                                   prefix.next_position, torch.cat(embeds, dim=2))
-    return gather_logprobs(logits.reshape(P * G, T, -1), target_ids.repeat_interleave(G, dim=0))
+    fam = model.lean_family()
+    hidden = grouped_continuations(fam, layer_kv(prefix.cache), prefix.attention_mask, prefix.next_position,
+                                   torch.cat(embeds, dim=2), head=False)
+    return linear_logprobs(hidden.reshape(P * G, T, -1), fam.lm_head, target_ids.repeat_interleave(G, dim=0))
 
 
 def perplexity_reward(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

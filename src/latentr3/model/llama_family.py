@@ -116,8 +116,9 @@ class LlamaFamily:
 
 def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
                           prompt_mask: torch.Tensor, next_position: torch.Tensor,
-                          embeds: torch.Tensor) -> torch.Tensor:
-    """Logits (P, G, S, V) of G continuations of S tokens after each of P prompts, sharing its KV.
+                          embeds: torch.Tensor, head: bool = True) -> torch.Tensor:
+    """Logits (P, G, S, V) of G continuations of S tokens after each of P prompts, sharing its KV
+    (`head=False`: the final hidden states (P, G, S, D) the LM head would read).
 
     prompt_kv: per layer the prompts' cached (rotated) keys and values (P, Hk, Lp, Dh); prompt_mask
     (P, Lp) 1 for real positions; next_position (P,) the first continuation token's position id; embeds
@@ -146,8 +147,8 @@ def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tenso
                                              enable_gqa=qh.shape[1] != keys.shape[1])
         return out.transpose(1, 2).reshape(P * G * S, -1)
 
-    logits = family.run(embeds.reshape(P * G * S, D), positions, attend)
-    return logits.view(P, G, S, -1)
+    out = (family.run if head else family.hidden)(embeds.reshape(P * G * S, D), positions, attend)
+    return out.view(P, G, S, -1)
 
 
 class PackedRows:
