@@ -12,9 +12,11 @@ Measured on the 2-core dev box, 1 thread, jemalloc, 2 prompts x 8 samples (`--pr
 patched to the same blocks), whose "two passes, keep" variant is the step as it was when issue 15 was
 filed: that one 314 / 293 / 321 samples/s, the current default 914 / 804 / 877 (2.91x / 2.74x / 2.73x);
 the fused LM head + target log-prob (`linear_logprobs`) is 1.03-1.06x of it ("logits head" 886 / 772 /
-824).  Earlier runs timed one step per variant per round in a fixed order (the default always right
-after the reference step): as filed 338 / 328 / 345, then-current 748 / 753 / 763 (2.21-2.29x), and on a
-slower day 158 / 191 / 212 vs 446 / 486 / 450.  At 32 prompts (`--prompts 32 --micro 8`), with a 2-thread
+824).  The timing loop before this one ran one step per variant per round in a fixed order (the
+default always right after the reference step); with it, the same day, same trees (`--rounds 8`): as
+filed 302 / 304 / 322, the current default 754 / 728 / 737 (2.49x / 2.40x / 2.29x); on earlier days as
+filed 338 / 328 / 345 vs 748 / 753 / 763 (2.21-2.29x, before `linear_logprobs`), and on a slower day
+158 / 191 / 212 vs 446 / 486 / 450.  At 32 prompts (`--prompts 32 --micro 8`), with a 2-thread
 training run beside it: 139 as filed, 278 then.  Where the
 remaining ~16-21 ms go (1 thread): matmuls ~4 ms at ~190 GFLOP/s (this CPU's peak at these shapes), the
 rest small kernels and their dispatch (prompt prefill ~3 ms, of which ~1 ms matmul).  Tried and not kept:
