@@ -16,8 +16,10 @@ the fused LM head + target log-prob (`linear_logprobs`) is 1.03-1.06x of it ("lo
 default always right after the reference step); with it, the same day, same trees (`--rounds 8`): as
 filed 302 / 304 / 322, the current default 754 / 728 / 737 (2.49x / 2.40x / 2.29x); on earlier days as
 filed 338 / 328 / 345 vs 748 / 753 / 763 (2.21-2.29x, before `linear_logprobs`), and on a slower day
-158 / 191 / 212 vs 446 / 486 / 450.  At 32 prompts (`--prompts 32 --micro 8`), with a 2-thread
-training run beside it: 139 as filed, 278 then.  Where the
+158 / 191 / 212 vs 446 / 486 / 450.  At 32 prompts (`--prompts 32 --micro 8 --rounds 3 --block 5`,
+two runs alternating with 7f0ee66): as filed 271 / 249, the current default 764 / 794 (2.82x / 3.19x),
+"logits head" 646 / 655 (the fused head: 1.18x / 1.21x); earlier, with a 2-thread training run beside
+it, 139 as filed, 278 then.  Where the
 remaining ~16-21 ms go (1 thread): matmuls ~4 ms at ~190 GFLOP/s (this CPU's peak at these shapes), the
 rest small kernels and their dispatch (prompt prefill ~3 ms, of which ~1 ms matmul).  Tried and not kept:
 a hand-written backward for the frozen backbone (autograd bypassed, the LM head's log-softmax gradient

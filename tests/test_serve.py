@@ -109,7 +109,7 @@ def servers(tmp_path_factory):
     drain = Server(ckpt, "--max-batch-users", "1", "--max-queue", "200")    # one user at a time: a slow drain
     started = [main, busy, late, drain]
     try:
-        for s in started:                 # the three start in parallel
+        for s in started:                 # the four start in parallel
             s.wait_ready()
         yield {"ckpt": ckpt, "titles": titles, "main": main, "busy": busy, "late": late,
                "drain": drain}

@@ -1,5 +1,6 @@
 """Runs the authors' RL stage (R3/src/grpo_attention_tuning/train_noise_grpo.py) unchanged, under torchrun,
-($R3_DIR: a checkout of github.com/xuwenxinedu/R3 at 8c390b5), with three outside adjustments made by monkeypatching before their script runs:
+($R3_DIR: a checkout of github.com/xuwenxinedu/R3 at 8c390b5), with three outside adjustments made
+by monkeypatching before their script runs:
 
   1. fp32: their script hard-codes LatentModel.from_pretrained(..., torch_dtype=torch.bfloat16) and
      GRPOConfig(bf16=True); this CPU has no fast bf16, so torch_dtype is forced to float32 and bf16 to False.

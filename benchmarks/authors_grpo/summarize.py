@@ -21,6 +21,7 @@ print(f"details: ranks {len(ranks)}, threads/rank {r0['threads']}, dtype {r0['dt
       f"sum of step_begin->step_end {sum(per):.3f} s; step 1 {per[0]:.3f} s, median of steps 2.. "
       f"{statistics.median(rest):.3f} s; HF train_runtime {r0['train_runtime']} s; "
       f"backend {r0.get('backend')}, model wrapped as {r0.get('wrapped')}, peak RSS/rank "
-      f"{max(r['maxrss_mib'] for r in ranks):.0f} MiB; attention weights equal across ranks: {len({r['attention_sha256'] for r in ranks}) == 1}")
+      f"{max(r['maxrss_mib'] for r in ranks):.0f} MiB; attention weights equal across ranks: "
+      f"{len({r['attention_sha256'] for r in ranks}) == 1}")
 print(f"AUTHORS samples/s: {prompts * gens * steps / T:.2f} (steps {steps}, prompts/step {prompts}, "
       f"samples/prompt {gens}, timed seconds {T:.3f})")

@@ -1,6 +1,7 @@
 """Converts the authors'-format tiny checkpoint (make_ckpt.py) into latentr3's checkpoint format, same weights.
 
-    .venv/bin/python benchmarks/authors_grpo/to_latentr3.py --src DIR --out DIR   (latentr3's venv; R3_DIR for the layer check)
+    .venv/bin/python benchmarks/authors_grpo/to_latentr3.py --src DIR --out DIR
+(latentr3's venv; with R3_DIR set, the latent layer's output is also checked against theirs)
 
 Authors' format: one HF dir, model.safetensors = Qwen2 weights (tied embeddings) + the latent layer as
 attention.{query,key,value}.{weight,bias}; tokenizer with "<|Thought|>" as its last token (= the latent id).

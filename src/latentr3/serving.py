@@ -359,7 +359,8 @@ def create_app(recommender, settings: ServeSettings, worker: int = 0):
         finally:
             state["decoding"] -= 1
 
-    async def answer(request: Request, reqs: list, futures: list, body, t0: float) -> tuple[list, float] | JSONResponse:
+    async def answer(request: Request, reqs: list, futures: list, body,
+                     t0: float) -> tuple[list, float] | JSONResponse:
         """Awaits the engine's futures of one accepted request (or the client's disconnect or the deadline)."""
         waiting = [asyncio.wrap_future(f) for f in futures]
         gone = asyncio.ensure_future(_disconnected(request))

@@ -182,9 +182,9 @@ def _sharded(module: nn.Module) -> bool:
 class _LinearLogprobs(torch.autograd.Function):
     """log softmax(h W^T)[labels] with the softmax kept from the forward for the backward.
 
-    Written by hand because autograd's route (linear, log-softmax, gather) passes over the (rows, vocab)
-    logits five times more in the backward: a zero-filled gradient for the gather, its scatter and the
-    log-softmax backward's exp, where d logp / d logits = onehot - p needs only p.  No well-kept CPU
+    Written by hand because autograd's route (linear, log-softmax, gather) makes three more passes over
+    the (rows, vocab) logits in the backward (a zero-filled gradient for the gather, its scatter, the
+    log-softmax backward with its exp), where d logp / d logits = onehot - p needs only p.  No well-kept CPU
     library fuses it (Liger's fused linear cross-entropy is Triton, GPU only).  fp32 softmax, logits
     in the weight's dtype as `lm_head(h).float()`.
     """
