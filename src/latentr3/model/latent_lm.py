@@ -189,7 +189,10 @@ class _LinearLogprobs(torch.autograd.Function):
     in the weight's dtype as `lm_head(h).float()`.
     """
 
+    # the backward runs under the forward's autocast state (bf16 matmuls in GPU training), as autograd's
+    # own backward of an autocast linear would
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, labels):
         logits = F.linear(h, weight).float()
         target = logits.gather(1, labels[:, None]).squeeze(1)
@@ -200,6 +203,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return target - top.squeeze(1) - total.log()
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         h, weight, labels, e, total = ctx.saved_tensors
