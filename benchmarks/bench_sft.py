@@ -44,7 +44,11 @@ the padded pass.  On a later day's faster host (same command) the floor itself w
 single pass 3.51 samples/s, 162.0 model GFLOP/s, 52 % of it, 1.25x the padded pass.  The ratio moves with
 the host because the matmul share speeds up more than the small kernels.  A torch.profiler run of that
 step: mm 63 % of self time, mul / add / fill_ 14 % (about 1,160 zero-fills per step), SDPA forward +
-backward 5 %, fused AdamW 2.5 %, per-parameter grad norms 1.2 %.
+backward 5 %, fused AdamW 2.5 %, per-parameter grad norms 1.2 %.  Again later (same command, a 312.0
+floor): 3.58 samples/s, 165.0 GFLOP/s, 53 %; then the target log-probs through `linear_logprobs` (LM head
++ log-softmax fused by hand) were 1.00-1.06x of the step in an in-process A/B on the same batches; a
+sparse-gradient lookup of the tied embedding (1.00-1.02x) and regional `torch.compile` of each layer's
+two halves (1.02-1.26x by batch, ~1.08x) were measured and not kept.
 Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
 1.36x (paper template) and 1.55x (short) the padded pass, 3.18x / 4.11x two-pass.
 """
