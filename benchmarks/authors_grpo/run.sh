@@ -52,8 +52,8 @@ if [ ! -f "$OURS_DATA/valid.csv" ]; then
   head -65 "$DATA/valid.csv" > "$OURS_DATA/valid.csv"          # header + the first 64 rows
   ln -sf "$DATA/info.txt" "$OURS_DATA/info.txt"
   ln -sf "$DATA/test.csv" "$OURS_DATA/test.csv"
-  cp "$OURS_DATA/valid.csv" "$ROWS"
 fi
+[ -f "$ROWS" ] || cp "$OURS_DATA/valid.csv" "$ROWS"                # the same rows for their loader
 
 theirs() {
   local run=$WORK/authors/$(date +%Y%m%d_%H%M%S)
