@@ -115,7 +115,7 @@ def sample_logprobs(model: LatentR3Model, prefix: Prefix, G: int, noise: torch.T
         embeds.append(tgt[:, None].expand(P, G, T - 1, tgt.shape[-1]))
     fam = model.lean_family()
     hidden = grouped_continuations(fam, layer_kv(prefix.cache), prefix.attention_mask, prefix.next_position,
-                                   torch.cat(embeds, dim=2), head=False)
+                                   torch.cat(embeds, dim=2))
     return linear_logprobs(hidden.reshape(P * G, T, -1), fam.lm_head, target_ids.repeat_interleave(G, dim=0))
 
 

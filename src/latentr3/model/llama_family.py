@@ -116,9 +116,9 @@ class LlamaFamily:
 
 def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]],
                           prompt_mask: torch.Tensor, next_position: torch.Tensor,
-                          embeds: torch.Tensor, head: bool = True) -> torch.Tensor:
-    """Logits (P, G, S, V) of G continuations of S tokens after each of P prompts, sharing its KV
-    (`head=False`: the final hidden states (P, G, S, D) the LM head would read).
+                          embeds: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (P, G, S, D), the LM head's input, of G continuations of S tokens after each
+    of P prompts, sharing its KV (the caller scores targets from them: `linear_logprobs`).
 
     prompt_kv: per layer the prompts' cached (rotated) keys and values (P, Hk, Lp, Dh); prompt_mask
     (P, Lp) 1 for real positions; next_position (P,) the first continuation token's position id; embeds
@@ -147,8 +147,7 @@ def grouped_continuations(family: LlamaFamily, prompt_kv: list[tuple[torch.Tenso
                                              enable_gqa=qh.shape[1] != keys.shape[1])
         return out.transpose(1, 2).reshape(P * G * S, -1)
 
-    out = (family.run if head else family.hidden)(embeds.reshape(P * G * S, D), positions, attend)
-    return out.view(P, G, S, -1)
+    return family.hidden(embeds.reshape(P * G * S, D), positions, attend).view(P, G, S, -1)
 
 
 class PackedRows:
