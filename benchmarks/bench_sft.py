@@ -55,7 +55,7 @@ autograd Functions 1.03x (0.97-0.98x for the old ones; the rotary alone 1.02x), 
 prompt + target 1.02x (micro-batch 8), the fp32 RMSNorm as one Function 1.02x (0.96-1.00x by round); the
 math SDPA backend instead of the flash one 0.95x, not kept.  With those (same command plus
 `--rounds 6 --block 1`): 61 % of a 305.9 floor at micro-batch 16, 61 % of 308.6 at 16 x 2 per optimizer
-step (`--accum 2`, the preset's batch of 32), 64 % of 302.2 at 32 x 1 (the RMSNorm Function not yet in).
+step (`--accum 2`, the preset's batch of 32), 64 % of 302.2 at 32 x 1.
 Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
 1.36x (paper template) and 1.55x (short) the padded pass, 3.18x / 4.11x two-pass.
 """
