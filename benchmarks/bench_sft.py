@@ -128,14 +128,14 @@ def model_flops_per_sample(backbone, batches, num_latent: int, lora: bool) -> fl
     return total / samples
 
 
-def train_step(model, optimizer, batch, impl, accum: int = 1):
-    """One optimizer step over `accum` micro-batches (`batch`: one, or a list of `accum`), as `latentr3 sft`
-    runs sft.batch_size / sft.micro_batch_size of them per step."""
+def train_step(model, optimizer, micro_batches, impl):
+    """One optimizer step over a list of micro-batches, as `latentr3 sft` runs sft.batch_size /
+    sft.micro_batch_size of them per step."""
     model.lean = impl != "padded"
     fn = model.two_pass_target_logprobs if impl == "two_pass" else model
-    for b in batch if isinstance(batch, list) else [batch]:
+    for b in micro_batches:
         logp = fn(b["prompt_ids"], b["prompt_mask"], b["target_ids"], b["target_mask"])
-        loss = -logp.sum() / b["target_mask"].sum() / accum
+        loss = -logp.sum() / b["target_mask"].sum() / len(micro_batches)
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -144,17 +144,19 @@ def train_step(model, optimizer, batch, impl, accum: int = 1):
 
 
 def bench_template(model, optimizer, batches, args):
+    """({impl: (samples/s, per-block samples/s)}, the micro-batches the blocks timed)."""
     impls = list(args.impls)
     it = iter(range(10**9))
 
     A = args.accum
+    timed = []
 
     def step_batches(k):   # the micro-batches of optimizer step k
         return [batches[(k * A + j) % len(batches)] for j in range(A)]
 
     for _ in range(args.warmup):
         for impl in impls:
-            train_step(model, optimizer, step_batches(next(it)), impl, A)
+            train_step(model, optimizer, step_batches(next(it)), impl)
     elapsed = {i: 0.0 for i in impls}
     steps = {i: 0 for i in impls}
     per_round = {i: [] for i in impls}
@@ -164,12 +166,15 @@ def bench_template(model, optimizer, batches, args):
             t = time.perf_counter()
             for _ in range(args.block):
                 # both implementations see the same batches in the same round
-                train_step(model, optimizer, step_batches(r * args.block + _), impl, A)
+                micro_batches = step_batches(r * args.block + _)
+                if impl == order[0]:
+                    timed.extend(micro_batches)
+                train_step(model, optimizer, micro_batches, impl)
             dt = time.perf_counter() - t
             elapsed[impl] += dt
             steps[impl] += args.block
             per_round[impl].append(args.block * A * args.micro / dt)
-    return {i: (steps[i] * A * args.micro / elapsed[i], per_round[i]) for i in impls}
+    return {i: (steps[i] * A * args.micro / elapsed[i], per_round[i]) for i in impls}, timed
 
 
 def profile(model, optimizer, batches, impl, n=3):
@@ -177,7 +182,7 @@ def profile(model, optimizer, batches, impl, n=3):
 
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         for k in range(n):
-            train_step(model, optimizer, batches[k % len(batches)], impl)
+            train_step(model, optimizer, [batches[k % len(batches)]], impl)
     print(f"\n--- torch.profiler, {impl}, {n} steps (top 15 by self CPU time)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
@@ -240,10 +245,8 @@ def main(argv=None):
                                                b["target_mask"])
             model.train()
         maxdiff = (a - c).abs().max().item()
-        res = bench_template(model, optimizer, batches, args)
+        res, timed = bench_template(model, optimizer, batches, args)
         # FLOPs of the batches the blocks timed (grouped batches differ in length)
-        timed = [batches[((r * args.block + j) * args.accum + a) % len(batches)]
-                 for r in range(args.rounds) for j in range(args.block) for a in range(args.accum)]
         flops = model_flops_per_sample(model.backbone, timed, args.num_latent, args.lora)
         real = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) for b in timed)
         padded = sum(b["prompt_mask"].numel() + b["target_mask"].numel() for b in timed)

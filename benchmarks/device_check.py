@@ -233,9 +233,9 @@ def sft_check(model, world, args, dtype_name, device) -> None:
                for i in range(0, len(ex) - m + 1, m)][:4]
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    train_step(model, opt, batches[0], "single")
+    train_step(model, opt, [batches[0]], "single")
     tokens = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) + len(b["prompt_mask"]) for b in batches)
-    _, dt = timed(lambda: [train_step(model, opt, b, "single") for b in batches], device)
+    _, dt = timed(lambda: [train_step(model, opt, [b], "single") for b in batches], device)
     model.eval()
     flops = model_flops_per_sample(model.backbone, [{k: v.cpu() for k, v in b.items()} for b in batches], 1, False)
     achieved = flops * len(batches) * m / dt
