@@ -28,9 +28,12 @@ is the same single pass through the backbone's own forward on the padded batch (
 
 Besides samples/s, every row prints the achieved model GFLOP/s and its ratio to this CPU's fp32 matmul
 GFLOP/s measured in the same run at the same thread count (a 2048^3 torch.mm, best of 5, before and after the
-steps, the higher one: the floor no training step can beat).  Model FLOPs per sample count the real (unpadded) tokens only: 2 x matmul parameters x tokens
-for the forward (the LM head only where logits are computed: the target tokens and the last prompt
-position) plus 4 x layers x width x tokens^2 / 2 for causal attention; training = 3 x forward with full
+steps, the higher one: the floor no training step can beat), and the median (range) over blocks of each
+block's GFLOP/s over the floor measured just before and just after that block (best of 2 each): on a host
+whose speed drifts, the run-level floor is taken at other moments than the steps.  Model FLOPs per
+sample count the real (unpadded) tokens only: 2 x matmul parameters x tokens for the forward (the LM head
+only where logits are computed: the target tokens and the last prompt position) plus
+4 x layers x width x tokens^2 / 2 for causal attention; training = 3 x forward with full
 fine-tuning, 2 x forward with LoRA (no weight gradients for the frozen matrices).
 
 Measured on the 2-core dev box, 2 threads, jemalloc, quiet machine, short template, micro-batch 16, CDs rows
@@ -56,6 +59,15 @@ prompt + target 1.02x (micro-batch 8), the fp32 RMSNorm as one Function 1.02x (0
 math SDPA backend instead of the flash one 0.95x, not kept.  With those (same command plus
 `--rounds 6 --block 1`): 61 % of a 305.9 floor at micro-batch 16, 61 % of 308.6 at 16 x 2 per optimizer
 step (`--accum 2`, the preset's batch of 32), 64 % of 302.2 at 32 x 1.
+On a slower, drifting host (2026-12-02: single 2048^3 mms ran 76-140 GFLOP/s from one to the next, half a
+second apart, with nothing else in the VM; run-level floors 118-143) blocks of the same command at
+micro-batch 16 ran 0.8-4.8 samples/s.  Per-block ratio, median (range): 65 % (51-79 %) at micro-batch 16
+with `--rounds 12` (73 %, 63-90 %, in a 6-block run), 67 % (58-73 %, 6 blocks) at 32; the run-level
+ratios 60 % and 51 %.  Same day, in-process A/Bs on the same rows (alternating order, one step each per
+round): regional `torch.compile` of each layer's two halves on top of the hand-written Functions 0.96x
+median (0.89-1.09x, 10 rounds; 53 s of compiling), not kept; an optimizer step of 32 length-sorted rows
+as 16 x 2 1.05x (0.90-1.11x) and as 32 x 1 0.93x (0.82-1.07x) the preset's 8 x 4, 8 rounds: within
+noise, so the preset keeps 8 x 4.
 Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
 1.36x (paper template) and 1.55x (short) the padded pass, 3.18x / 4.11x two-pass.
 """
@@ -67,6 +79,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,12 +157,10 @@ def train_step(model, optimizer, micro_batches, impl):
 
 
 def bench_template(model, optimizer, batches, args):
-    """({impl: (samples/s, per-block samples/s)}, the micro-batches the blocks timed)."""
+    """{impl: [Block, ...]}: every timed block with its micro-batches and the floor measured around it."""
     impls = list(args.impls)
     it = iter(range(10**9))
-
     A = args.accum
-    timed = []
 
     def step_batches(k):   # the micro-batches of optimizer step k
         return [batches[(k * A + j) % len(batches)] for j in range(A)]
@@ -157,24 +168,34 @@ def bench_template(model, optimizer, batches, args):
     for _ in range(args.warmup):
         for impl in impls:
             train_step(model, optimizer, step_batches(next(it)), impl)
-    elapsed = {i: 0.0 for i in impls}
-    steps = {i: 0 for i in impls}
-    per_round = {i: [] for i in impls}
+    blocks = {i: [] for i in impls}
     for r in range(args.rounds):
         order = impls if r % 2 == 0 else impls[::-1]  # alternate who goes first
         for impl in order:
+            # both implementations see the same batches in the same round
+            micro_batches = [b for k in range(args.block) for b in step_batches(r * args.block + k)]
+            before = matmul_gflops(reps=2)
             t = time.perf_counter()
-            for _ in range(args.block):
-                # both implementations see the same batches in the same round
-                micro_batches = step_batches(r * args.block + _)
-                if impl == order[0]:
-                    timed.extend(micro_batches)
-                train_step(model, optimizer, micro_batches, impl)
+            for k in range(args.block):
+                train_step(model, optimizer, micro_batches[k * A:(k + 1) * A], impl)
             dt = time.perf_counter() - t
-            elapsed[impl] += dt
-            steps[impl] += args.block
-            per_round[impl].append(args.block * A * args.micro / dt)
-    return {i: (steps[i] * A * args.micro / elapsed[i], per_round[i]) for i in impls}, timed
+            blocks[impl].append(Block(dt, micro_batches, (before, matmul_gflops(reps=2))))
+    return blocks
+
+
+@dataclass
+class Block:
+    """One timed block of steps.  `floors`: the 2048^3 matmul GFLOP/s measured just before and just after
+    it.  Why per block: on a shared host the CPU's speed drifts by 1.5x within a minute (measured on the
+    dev box: 76-140 GFLOP/s from one 2048^3 mm to the next, with nothing else running in the VM), so a floor
+    measured once before and once after the run says little about the moments a block ran in."""
+    seconds: float
+    micro_batches: list
+    floors: tuple[float, float]
+
+    @property
+    def samples(self) -> int:
+        return sum(len(b["prompt_mask"]) for b in self.micro_batches)
 
 
 def profile(model, optimizer, batches, impl, n=3):
@@ -245,13 +266,12 @@ def main(argv=None):
                                                b["target_mask"])
             model.train()
         maxdiff = (a - c).abs().max().item()
-        res, timed = bench_template(model, optimizer, batches, args)
-        # FLOPs of the batches the blocks timed (grouped batches differ in length)
-        flops = model_flops_per_sample(model.backbone, timed, args.num_latent, args.lora)
+        blocks = bench_template(model, optimizer, batches, args)
+        timed = [b for blk in blocks[args.impls[0]] for b in blk.micro_batches]
         real = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) for b in timed)
         padded = sum(b["prompt_mask"].numel() + b["target_mask"].numel() for b in timed)
         print(f"{template}: real / padded prompt + target tokens of the timed batches {real / padded:.2f}")
-        results.append((template, ptok, ttok, res, maxdiff, flops))
+        results.append((template, ptok, ttok, blocks, maxdiff))
         if args.profile:
             profile(model, optimizer, batches, "single")
             profile(model, optimizer, batches, "two_pass")
@@ -260,22 +280,36 @@ def main(argv=None):
     floor = max(floors)   # the CPU's best: a busy host lowers one measurement, not the CPU's capability
     print(f"\nfp32 matmul floor: {floor:.1f} GFLOP/s (2048^3 torch.mm, {torch.get_num_threads()} threads; "
           f"best of the measurements before and after the steps: {floors[0]:.1f}, {floors[1]:.1f})")
+    print("Per block: its model GFLOP/s over the mean of the floors measured just before and after it "
+          "(best of 2 each); the table gives their median and range, and the run's overall rate over the "
+          "floor above.")
     print("| template | prompt tok (mean) | target tok (mean) | impl | samples/s | model GFLOP/s | of floor "
-          "| per-block samples/s | vs two-pass | vs padded |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| of adjacent floor, median (range) | per-block samples/s | vs two-pass | vs padded |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
-    def ratio(res, impl, other):
-        if impl == other or other not in res:
+    def rate(blk):   # samples/s of one block
+        return blk.samples / blk.seconds
+
+    def ratio(blocks, impl, other):
+        if impl == other or other not in blocks:
             return ""
-        ratios = [a / b for a, b in zip(res[impl][1], res[other][1])]   # block by block (same batches)
-        return f"{res[impl][0] / res[other][0]:.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
+        ratios = [rate(a) / rate(b) for a, b in zip(blocks[impl], blocks[other])]   # same batches per round
+        overall = lambda blks: sum(b.samples for b in blks) / sum(b.seconds for b in blks)  # noqa: E731
+        total = overall(blocks[impl]) / overall(blocks[other])
+        return f"{total:.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
 
-    for template, ptok, ttok, res, maxdiff, flops in results:
-        for impl, (sps, blocks) in res.items():
-            gf = sps * flops / 1e9
+    for template, ptok, ttok, blocks, maxdiff in results:
+        for impl, blks in blocks.items():
+            flops = [model_flops_per_sample(model.backbone, b.micro_batches, args.num_latent, args.lora) * b.samples
+                     for b in blks]
+            seconds = sum(b.seconds for b in blks)
+            sps = sum(b.samples for b in blks) / seconds
+            gf = sum(flops) / seconds / 1e9
+            adjacent = [f / b.seconds / 1e9 / statistics.mean(b.floors) for f, b in zip(flops, blks)]
             print(f"| {template} | {ptok:.0f} | {ttok:.1f} | {impl} | {sps:.2f} | {gf:.1f} | {gf / floor:.0%} | "
-                  f"{' '.join(f'{b:.1f}' for b in blocks)} | {ratio(res, impl, 'two_pass')} | "
-                  f"{ratio(res, impl, 'padded') if impl == 'single' else ''} |")
+                  f"{statistics.median(adjacent):.0%} ({min(adjacent):.0%}..{max(adjacent):.0%}) | "
+                  f"{' '.join(f'{rate(b):.1f}' for b in blks)} | {ratio(blocks, impl, 'two_pass')} | "
+                  f"{ratio(blocks, impl, 'padded') if impl == 'single' else ''} |")
         print(f"(max |logp diff| single vs two-pass on the first batch: {maxdiff:.1e})")
     return 0
 
