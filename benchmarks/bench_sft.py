@@ -186,7 +186,7 @@ def bench_template(model, optimizer, batches, args):
 @dataclass
 class Block:
     """One timed block of steps.  `floors`: the 2048^3 matmul GFLOP/s measured just before and just after
-    it.  Why per block: on a shared host the CPU's speed drifts by 1.5x within a minute (measured on the
+    it.  Why per block: on a shared host the CPU's speed drifts by up to 1.8x within a minute (measured on the
     dev box: 76-140 GFLOP/s from one 2048^3 mm to the next, with nothing else running in the VM), so a floor
     measured once before and once after the run says little about the moments a block ran in."""
     seconds: float
