@@ -290,21 +290,21 @@ def main(argv=None):
     def rate(blk):   # samples/s of one block
         return blk.samples / blk.seconds
 
+    def overall(blks):   # samples/s of a run of blocks
+        return sum(b.samples for b in blks) / sum(b.seconds for b in blks)
+
     def ratio(blocks, impl, other):
         if impl == other or other not in blocks:
             return ""
         ratios = [rate(a) / rate(b) for a, b in zip(blocks[impl], blocks[other])]   # same batches per round
-        overall = lambda blks: sum(b.samples for b in blks) / sum(b.seconds for b in blks)  # noqa: E731
-        total = overall(blocks[impl]) / overall(blocks[other])
-        return f"{total:.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
+        return f"{overall(blocks[impl]) / overall(blocks[other]):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
 
     for template, ptok, ttok, blocks, maxdiff in results:
         for impl, blks in blocks.items():
             flops = [model_flops_per_sample(model.backbone, b.micro_batches, args.num_latent, args.lora) * b.samples
                      for b in blks]
-            seconds = sum(b.seconds for b in blks)
-            sps = sum(b.samples for b in blks) / seconds
-            gf = sum(flops) / seconds / 1e9
+            sps = overall(blks)
+            gf = sum(flops) / sum(b.seconds for b in blks) / 1e9
             adjacent = [f / b.seconds / 1e9 / statistics.mean(b.floors) for f, b in zip(flops, blks)]
             print(f"| {template} | {ptok:.0f} | {ttok:.1f} | {impl} | {sps:.2f} | {gf:.1f} | {gf / floor:.0%} | "
                   f"{statistics.median(adjacent):.0%} ({min(adjacent):.0%}..{max(adjacent):.0%}) | "
