@@ -359,6 +359,57 @@ def test_hand_written_layer_pieces_match_their_tensor_op_definitions():
     torch.testing.assert_close(full.unpack(full.pack(t[:2, :3])), t[:2, :3])
 
 
+def test_projections_sum_their_gradients_like_separate_linears():
+    """`_Projections` (several linear maps of one input as one node) gives the outputs and gradients of
+    separate linear maps (gradcheck, float64, with and without biases), and inside `one_weight_grad` the
+    uses of one weight in several passes add up to the same gradient as autograd's sum: a use whose
+    output the loss ignores (never reached in the backward), repeated backward calls accumulating into
+    `.grad` (micro-batches of one optimizer step), and a later block starting afresh."""
+    from latentr3.model.llama_family import LlamaFamily, _Projections, _WeightGrads
+
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, w1, w2, b1 = torch.randn(5, 4, **f64), torch.randn(3, 4, **f64), torch.randn(6, 4, **f64), torch.randn(3, **f64)
+    outs = _Projections.apply(x, None, 2, w1, w2, b1, None)
+    torch.testing.assert_close(outs[0], torch.nn.functional.linear(x, w1, b1))
+    torch.testing.assert_close(outs[1], torch.nn.functional.linear(x, w2))
+    assert torch.autograd.gradcheck(lambda *a: _Projections.apply(a[0], None, 2, *a[1:], None), (x, w1, w2, b1))
+
+    lin = torch.nn.Linear(4, 3).double()
+    fam = LlamaFamily.__new__(LlamaFamily)
+    fam.fp32, fam._grad_sums = True, None
+    xs = [torch.randn(5, 4, **f64) for _ in range(3)]
+
+    def loss(project, step):
+        a, b, c = (project(t) for t in xs)            # c: computed, never reaching the loss
+        return (a * step).sum() + (b.sin() * (b + a)).sum()
+
+    def grads(project, blocks):
+        lin.zero_grad(set_to_none=True)
+        for t in xs:
+            t.grad = None
+        for step in range(1, blocks + 1):
+            loss(project, step).backward()
+        return [t.grad.clone() for t in (lin.weight, lin.bias, *xs[:2])]
+
+    def fused(t):
+        return _Projections.apply(t, fam._grad_sums, 1, lin.weight, lin.bias)[0]
+
+    ref = grads(lin, 2)
+    for project in (fused, lambda t: lin(t)):
+        for got, want in zip(grads(project, 2), ref):
+            torch.testing.assert_close(got, want)
+    lin.zero_grad(set_to_none=True)
+    for step in (1, 2):
+        with fam.one_weight_grad():
+            assert isinstance(fam._grad_sums, _WeightGrads)
+            out = loss(fused, step)
+        assert fam._grad_sums is None
+        out.backward()                               # the backward runs after the block has closed
+    for got, want in zip((lin.weight.grad, lin.bias.grad), ref[:2]):
+        torch.testing.assert_close(got, want)
+
+
 def test_gradients_reach_latent_ratt_and_backbone(tok, titles):
     model = make_model(tok, 1).train()
     pi, pm, ti, tm = batch(examples(tok, titles, 1), tok.pad_token_id)

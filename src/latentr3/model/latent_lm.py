@@ -404,7 +404,8 @@ class LatentR3Model(nn.Module):
         """
         fam = self.lean_family() if self.num_latent <= 1 else None
         if fam is not None:
-            return self._packed_forward(fam, prompt_ids, prompt_mask, target_ids, target_mask, noise)
+            with fam.one_weight_grad():
+                return self._packed_forward(fam, prompt_ids, prompt_mask, target_ids, target_mask, noise)
         if self.num_latent == 0:
             return self.target_logprobs(self.prefill(prompt_ids, prompt_mask), target_ids) * target_mask
         prefix = self.think(self.prefill(prompt_ids, prompt_mask, last_logits=False), noise, hold_last=True)

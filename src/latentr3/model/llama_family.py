@@ -27,6 +27,7 @@ back to the backbone's own forward for anything else.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -106,6 +107,81 @@ class _RMSNorm(torch.autograd.Function):
         return gx, gw, None
 
 
+class _Projections(torch.autograd.Function):
+    """Linear maps (W_i, b_i) of one input x as one autograd node: y_i = x W_i^T + b_i.
+
+    Why by hand: autograd gives each projection its own node, so the input's gradient is the sum of
+    separate products (q, k and v; gate and up), added in further full-size passes, and a weight used by
+    two passes of one step (prompt, then latent + target) gets two full-size gradients that the engine
+    adds.  Here gx = g_1 W_1 + g_2 W_2 + ... accumulates in the matrix products (`addmm_`, beta 1), and
+    within `LlamaFamily.one_weight_grad()` the weight gradients of all its passes are summed the same way
+    (`_WeightGrads`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, sums, n, *params):
+        ws, bs = params[:n], params[n:]
+        ctx.sums, ctx.n = sums, n
+        ctx.keys = [None if p is None else id(p) for p in params]
+        ctx.save_for_backward(x, *ws)
+        if sums is not None:
+            for p in params:
+                if p is not None and p.requires_grad:
+                    sums.expect(p)
+        return tuple(F.linear(x, w, b) for w, b in zip(ws, bs))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gs):
+        x, *ws = ctx.saved_tensors
+        n, sums, need = ctx.n, ctx.sums, ctx.needs_input_grad
+        gx = None
+        if need[0]:
+            for g, w in zip(gs, ws):
+                gx = g @ w if gx is None else gx.addmm_(g, w)
+        grads = [None] * (2 * n)
+        for i, g in enumerate(gs):
+            if need[3 + i]:
+                grads[i] = _WeightGrads.add(sums, ctx.keys[i], lambda: g.t() @ x, lambda t: t.addmm_(g.t(), x))
+            if ctx.keys[n + i] is not None and need[3 + n + i]:
+                grads[n + i] = _WeightGrads.add(sums, ctx.keys[n + i], lambda: g.sum(0), lambda t: t.add_(g.sum(0)))
+        return (gx, None, None, *grads)
+
+
+class _WeightGrads:
+    """One gradient tensor per parameter for all the passes of a `LlamaFamily.one_weight_grad()` block.
+
+    The first reached use of a parameter returns a new gradient tensor; later uses add their products into
+    it in place and return None.  Correct whichever uses are reached (a pass whose output the loss ignores
+    never runs its backward): the engine hands a parameter's gradient to its AccumulateGrad only after
+    every reached use has run, and nothing else in the block touches these parameters.  The count of uses
+    made in the forward only decides when this object lets go of the tensor, so that AccumulateGrad can
+    take it as .grad without a copy.
+    """
+
+    def __init__(self):
+        self.uses: dict[int, int] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+
+    def expect(self, p: torch.Tensor) -> None:
+        self.uses[id(p)] = self.uses.get(id(p), 0) + 1
+
+    @staticmethod
+    def add(sums: "_WeightGrads | None", key: int, new, add_into):
+        if sums is None:
+            return new()
+        sums.uses[key] -= 1
+        last = sums.uses[key] == 0
+        t = sums.grads.pop(key, None) if last else sums.grads.get(key)
+        if t is not None:
+            add_into(t)
+            return None
+        t = new()
+        if not last:
+            sums.grads[key] = t
+        return t
+
+
 class LlamaFamily:
     """The layer loop of a Llama-family backbone over a flat list of new tokens."""
 
@@ -117,6 +193,34 @@ class LlamaFamily:
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.fp32 = self.lm_head.weight.dtype == torch.float32
+        self._grad_sums: _WeightGrads | None = None
+
+    @contextlib.contextmanager
+    def one_weight_grad(self):
+        """Within the block, every pass's projections add into one gradient tensor per weight (see
+        `_Projections`).  The passes' backward may run after the block has closed."""
+        outer, self._grad_sums = self._grad_sums, _WeightGrads()
+        try:
+            yield
+        finally:
+            self._grad_sums = outer
+
+    def project(self, x: torch.Tensor, modules) -> list[torch.Tensor]:
+        """[m(x) for m in modules] for (L, D) inputs; one `_Projections` node when training plain fp32
+        `nn.Linear`s (not under peft's LoRA layers, autocast or an inference pass, where the modules run)."""
+        if not (self.fp32 and x.dtype == torch.float32 and x.dim() == 2 and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type)
+                and all(type(m) is torch.nn.Linear for m in modules)):
+            return [m(x) for m in modules]
+        params = [m.weight for m in modules] + [m.bias for m in modules]
+        return list(_Projections.apply(x, self._grad_sums, len(modules), *params))
+
+    def mlp(self, module, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP down(act(gate(x)) * up(x)), gate and up as one projection."""
+        if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return module(x)
+        g, u = self.project(x, (module.gate_proj, module.up_proj))
+        return self.project(module.act_fn(g) * u, (module.down_proj,))[0]
 
     @staticmethod
     def supports(backbone) -> bool:
@@ -164,14 +268,12 @@ class LlamaFamily:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self.norm(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(L, -1, Dh)
-            k = attn.k_proj(h).view(L, -1, Dh)
-            v = attn.v_proj(h).view(L, -1, Dh)
+            q, k, v = (t.view(L, -1, Dh) for t in self.project(h, (attn.q_proj, attn.k_proj, attn.v_proj)))
             if hasattr(attn, "q_norm"):   # Qwen3: per-head RMSNorm before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = rotary(q, k, cos, sin)
-            x = x + attn.o_proj(attend(i, q, k, v).to(x.dtype))
-            x = x + layer.mlp(self.norm(layer.post_attention_layernorm, x))
+            x = x + self.project(attend(i, q, k, v).to(x.dtype), (attn.o_proj,))[0]
+            x = x + self.mlp(layer.mlp, self.norm(layer.post_attention_layernorm, x))
         return self.norm(self.model.norm, x)
 
 
