@@ -115,7 +115,8 @@ class _Projections(torch.autograd.Function):
     two passes of one step (prompt, then latent + target) gets two full-size gradients that the engine
     adds.  Here gx = g_1 W_1 + g_2 W_2 + ... accumulates in the matrix products (`addmm_`, beta 1), and
     within `LlamaFamily.one_weight_grad()` the weight gradients of all its passes are summed the same way
-    (`_WeightGrads`).
+    (`_WeightGrads`).  Measured on SmolLM2-135M (full fine-tuning, micro-batch 16, short template, CDs rows,
+    2 threads): 1.012x the separate modules over 16 paired steps (median 1.02x, 0.97-1.06x by step).
     """
 
     @staticmethod
