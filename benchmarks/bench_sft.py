@@ -31,8 +31,9 @@ GFLOP/s measured in the same run at the same thread count (a 2048^3 torch.mm, be
 steps, the higher one: the floor no training step can beat), and the median (range) over blocks of each
 block's GFLOP/s over the floor measured just before and just after that block (best of 2 each): on a host
 whose speed drifts, the run-level floor is taken at other moments than the steps.  Model FLOPs per
-sample count the real (unpadded) tokens only: 2 x matmul parameters x tokens for the forward (the LM head
-only where logits are computed: the target tokens and the last prompt position) plus
+sample count the real (unpadded) input tokens only (prompt, latents, and the target but its last token):
+2 x matmul parameters x tokens for the forward (the LM head only at the T rows that score the T target
+tokens; until 2026-12-03 one more input token and one more head row were counted, about 1.5 % more) plus
 4 x layers x width x tokens^2 / 2 for causal attention; training = 3 x forward with full
 fine-tuning, 2 x forward with LoRA (no weight gradients for the frozen matrices).
 
@@ -142,8 +143,8 @@ def model_flops_per_sample(backbone, batches, num_latent: int, lora: bool) -> fl
     for b in batches:
         P = b["prompt_mask"].sum(1).double()
         T = b["target_mask"].sum(1).double()
-        tokens = P + num_latent + T
-        fwd = 2 * matmul * tokens + 2 * head.numel() * (T + 1) + 2 * L * D * tokens ** 2
+        tokens = P + num_latent + T - 1       # the inputs: prompt, latents, t_1 .. t_{T-1}
+        fwd = 2 * matmul * tokens + 2 * head.numel() * T + 2 * L * D * tokens ** 2
         total += float(fwd.sum()) * (2 if lora else 3)
         samples += len(P)
     return total / samples

@@ -234,7 +234,8 @@ def sft_check(model, world, args, dtype_name, device) -> None:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     train_step(model, opt, [batches[0]], "single")
-    tokens = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) + len(b["prompt_mask"]) for b in batches)
+    # input tokens: the prompt, the latent and t_1 .. t_{T-1}
+    tokens = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) for b in batches)
     _, dt = timed(lambda: [train_step(model, opt, [b], "single") for b in batches], device)
     model.eval()
     flops = model_flops_per_sample(model.backbone, [{k: v.cpu() for k, v in b.items()} for b in batches], 1, False)

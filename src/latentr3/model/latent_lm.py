@@ -28,7 +28,7 @@ from torch import nn
 
 from ..atomic import CheckpointError
 from .latent_ratt import LatentRATT
-from .llama_family import LlamaFamily, packed_pass
+from .llama_family import LlamaFamily, PackedRows, packed_pass
 
 CONFIG_NAME = "latentr3.json"
 RATT_NAME = "latent_ratt.safetensors"
@@ -465,30 +465,43 @@ class LatentR3Model(nn.Module):
         """`forward` with the projections, MLP and LM head on the real tokens only.
 
         Measured on SmolLM2-135M (short template, micro-batch 16, CDs): 60 % of the positions of a
-        prompt + target batch were real.  Two passes, as `forward`: the prompt (without its last token
-        when there is no latent, so the first target token is scored by the continuation's first row),
-        then one continuation row per target token, [latent or last prompt token, t_1 .. t_{T-1}],
-        reading the prompt's KV.  Same numbers as the backbone's forward up to float rounding.
+        prompt + target batch were real.  With a latent, two passes, as `forward`: the prompt, then one
+        continuation row per target token, [latent, t_1 .. t_{T-1}], reading the prompt's KV; without one,
+        a single pass (`_packed_no_latent`).  Same numbers as the backbone's forward up to float rounding.
         """
         # One embedding lookup for the prompt and the target tokens: with a trained embedding each lookup's
         # backward writes a dense (vocab, width) gradient, which autograd then adds to the others.
-        T, latent = target_ids.shape[1], self.num_latent == 1
-        Lp = prompt_ids.shape[1] - (0 if latent else 1)     # without a latent the last prompt token leads
+        T, Lp = target_ids.shape[1], prompt_ids.shape[1]
         embeds = self.backbone.get_input_embeddings()(torch.cat([prompt_ids, target_ids[:, :-1]], 1))
-        if latent:
-            prefix = self._lean_prefill(fam, prompt_ids, prompt_mask, None, False, embeds[:, :Lp])
-            r = self.compute_latent(prefix)
-            if noise is not None:
-                r = r + noise[:, 0].to(r.dtype)
-            cont = torch.cat([r[:, None].to(self.embed_dtype), embeds[:, Lp:]], 1)
-            start = prefix.next_position
-        else:
-            prefix = self._lean_prefill(fam, prompt_ids[:, :-1], prompt_mask[:, :-1], None, False, embeds[:, :Lp])
-            cont, start = embeds[:, Lp:], positions_from_mask(prompt_mask)[:, -1]
+        if self.num_latent == 0:
+            return self._packed_no_latent(fam, embeds, prompt_mask, target_ids, target_mask)
+        prefix = self._lean_prefill(fam, prompt_ids, prompt_mask, None, False, embeds[:, :Lp])
+        r = self.compute_latent(prefix)
+        if noise is not None:
+            r = r + noise[:, 0].to(r.dtype)
+        cont = torch.cat([r[:, None].to(self.embed_dtype), embeds[:, Lp:]], 1)
+        start = prefix.next_position
         h, rows, _ = packed_pass(fam, cont, target_mask, start[:, None] + torch.arange(T, device=start.device),
                                  layer_kv(prefix.cache), prefix.attention_mask)
         logp = linear_logprobs(h, fam.lm_head, rows.pack(target_ids))
         return rows.unpack(logp)
+
+    @staticmethod
+    def _packed_no_latent(fam, embeds, prompt_mask, target_ids, target_mask):
+        """Without a latent nothing waits for the prompt's output, so prompt and target inputs run as one
+        packed causal pass (no past, no mask tensor; one set of per-layer ops instead of two, and the
+        continuation's small matmuls join the prompt's).  Row b's inputs are its real prompt tokens and
+        target tokens t_1 .. t_{T_b - 1} (input j is kept where target j + 1 is real); its last T_b real
+        tokens, the last prompt token first, score t_1 .. t_{T_b}."""
+        mask = torch.cat([prompt_mask, target_mask[:, 1:]], 1).bool()
+        h, _, _ = packed_pass(fam, embeds, mask, positions_from_mask(mask))
+        n = target_mask.sum(1)
+        ends = mask.sum(1).cumsum(0)                         # each row's end in the packed order
+        first = torch.repeat_interleave(ends - n, n)          # per scored token: its row's first scored index
+        offset = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+        targets = PackedRows(target_mask.bool())
+        logp = linear_logprobs(h.index_select(0, first + offset), fam.lm_head, targets.pack(target_ids))
+        return targets.unpack(logp)
 
     # ------------------------------------------------------------------ reference two-pass design
     def two_pass_target_logprobs(self, prompt_ids, prompt_mask, target_ids, target_mask,
