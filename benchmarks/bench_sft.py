@@ -69,14 +69,18 @@ round): regional `torch.compile` of each layer's two halves on top of the hand-w
 median (0.89-1.09x, 10 rounds; 53 s of compiling), not kept; an optimizer step of 32 length-sorted rows
 as 16 x 2 1.05x (0.90-1.11x) and as 32 x 1 0.93x (0.82-1.07x) the preset's 8 x 4, 8 rounds: within
 noise, so the preset keeps 8 x 4.
-On 2026-12-03 (floor 142-145 GFLOP/s, steady), after q/k/v and gate/up became one autograd node each
+On 2026-12-03 (floor 140-145 GFLOP/s, steady), after q/k/v and gate/up became one autograd node each
 and the two passes of a step one weight gradient (`llama_family._Projections`; 1.01x in an in-process
-A/B, 16 paired steps), three runs of `--rounds 12 --block 1 --warmup 1 --micro 16` (otherwise as above):
-72 / 71 / 74 % of the run-level floor, 73 % (67-78 %) / 73 % (63-79 %) / 75 % (65-79 %) of the adjacent
-floor, 2.25-2.29 samples/s; the preset's layout, `--micro 8 --accum 4 --rounds 6`: 68 %, 68 % (63-71 %).
-The day before, the same micro-batch-16 command gave 66 % of a 160.8 floor: most of the difference is the
-host (see above), not the change.  Profile (3 steps): mm + addmm_ 79 % of self time, SDPA forward +
-backward 6 %, SwiGLU's mul / silu 5 %, AdamW + clipping + zero_grad 2.4 %, pack / unpack 1.5 %.
+A/B, 16 paired steps), `--rounds 12 --block 1 --warmup 1 --micro 16` (otherwise as above), counting one
+input token per row too many as before: 72 / 71 / 74 % of the run-level floor, 73 / 73 / 75 % of the
+adjacent floor (median); then with the exact count (one token and one head row fewer per row): 70 / 70 %,
+71 % (61-78 %) / 74 % (63-78 %), 2.21-2.24 samples/s.  The preset's layout, `--micro 8 --accum 4
+--rounds 6` (old count): 68 %.  Without a latent (`--num-latent 0`, prompt and target as one pass): 75 %,
+77 % (69-81 %), 2.43 samples/s.  The day before, the micro-batch-16 command gave 66 % of a 160.8 floor
+(old count): most of that difference is the host, not the change.  Profile (3 steps, latent): mm +
+addmm_ 80 % of self time, SDPA forward + backward 6 % (the flash kernel: 1.1-1.5x faster than the math
+backend or bmm + softmax at these shapes), SwiGLU's mul / silu 3 %, AdamW + clipping + zero_grad 2.4 %,
+pack / unpack 1.3 %.
 Tiny model, `--impls single padded two_pass --rounds 4 --block 4 --warmup 2`: single
 1.36x (paper template) and 1.55x (short) the padded pass, 3.18x / 4.11x two-pass.
 """
