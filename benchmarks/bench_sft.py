@@ -75,8 +75,8 @@ A/B, 16 paired steps), `--rounds 12 --block 1 --warmup 1 --micro 16` (otherwise 
 input token per row too many as before: 72 / 71 / 74 % of the run-level floor, 73 / 73 / 75 % of the
 adjacent floor (median); then with the exact count (one token and one head row fewer per row): 70 / 70 %,
 71 % (61-78 %) / 74 % (63-78 %), 2.21-2.24 samples/s.  The preset's layout, `--micro 8 --accum 4
---rounds 6`: 68 % (old count); exact, 65 %, 68 % (62-71 %) of the adjacent floor, 2.43 samples/s.  Without a latent (`--num-latent 0`, prompt and target as one pass): 75 %,
-77 % (69-81 %), 2.43 samples/s.  The day before, the micro-batch-16 command gave 66 % of a 160.8 floor
+--rounds 6`: 68 % (old count); exact, 65 %, 68 % (62-71 %) of the adjacent floor, 2.43 samples/s.
+Without a latent (`--num-latent 0`, prompt and target as one pass): 75 %, 77 % (69-81 %), 2.43 samples/s.  The day before, the micro-batch-16 command gave 66 % of a 160.8 floor
 (old count): most of that difference is the host, not the change.  Profile (3 steps, latent): mm +
 addmm_ 80 % of self time, SDPA forward + backward 6 % (the flash kernel: 1.1-1.5x faster than the math
 backend or bmm + softmax at these shapes), SwiGLU's mul / silu 3 %, AdamW + clipping + zero_grad 2.4 %,
