@@ -494,13 +494,11 @@ class LatentR3Model(nn.Module):
         target tokens t_1 .. t_{T_b - 1} (input j is kept where target j + 1 is real); its last T_b real
         tokens, the last prompt token first, score t_1 .. t_{T_b}."""
         mask = torch.cat([prompt_mask, target_mask[:, 1:]], 1).bool()
-        h, _, _ = packed_pass(fam, embeds, mask, positions_from_mask(mask))
-        n = target_mask.sum(1)
-        ends = mask.sum(1).cumsum(0)                         # each row's end in the packed order
-        first = torch.repeat_interleave(ends - n, n)          # per scored token: its row's first scored index
-        offset = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+        h, rows, _ = packed_pass(fam, embeds, mask, positions_from_mask(mask))
+        # the scoring rows sit where `target_mask` does, shifted one column left onto the last prompt token
+        scoring = torch.cat([torch.zeros_like(prompt_mask[:, 1:]), target_mask], 1).bool().reshape(-1)
         targets = PackedRows(target_mask.bool())
-        logp = linear_logprobs(h.index_select(0, first + offset), fam.lm_head, targets.pack(target_ids))
+        logp = linear_logprobs(h[scoring[rows.index]], fam.lm_head, targets.pack(target_ids))
         return targets.unpack(logp)
 
     # ------------------------------------------------------------------ reference two-pass design
